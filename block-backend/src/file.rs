@@ -1,0 +1,1 @@
+//! Raw file or block device as a `BlockDevice` (being written).

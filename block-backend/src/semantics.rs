@@ -1,0 +1,1 @@
+//! Front-end request semantics (being written).
