@@ -140,7 +140,7 @@ mod tests {
             assert_eq!(b.as_ptr() as usize % ALIGN, 0);
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&x| x == 0));
-            assert!(b.capacity() >= len && b.capacity() % ALIGN == 0);
+            assert!(b.capacity() >= len && b.capacity().is_multiple_of(ALIGN));
         }
     }
 

@@ -118,7 +118,7 @@ pub trait BlockDevice: Send + Sync + 'static {
 /// Validate a request against a device: aligned to `block_size` and inside `size`.
 pub fn check_range(info: &DeviceInfo, offset: u64, len: u64) -> Result<()> {
     let align = u64::from(info.block_size.max(1));
-    if offset % align != 0 || len % align != 0 {
+    if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
         return Err(BlockError::Misaligned { offset, len, align: info.block_size });
     }
     match offset.checked_add(len) {

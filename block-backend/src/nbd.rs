@@ -1,1 +1,0 @@
-//! NBD protocol (being written).
