@@ -1,0 +1,1464 @@
+//! One NBD codec for both ends: bytes to typed messages and back.
+//!
+//! The server and the client share every encoder and decoder here, so a frame the client writes is by
+//! construction a frame the server parses, and the round-trip unit tests below cover both directions at once.
+//!
+//! Decoding follows "parse, validate, then execute" (see STYLE.md): [`decode_request`] turns a 28-byte request
+//! header plus the negotiated [`Negotiated`] parameters into a typed [`Request`] that is already known to be in
+//! range, aligned, permitted and correctly flagged, or into a [`ProtocolError`] that says exactly what reply (or
+//! disconnect) it deserves. The code that executes requests never sees raw bytes.
+//!
+//! Functions here are pure (no I/O): the callers read exactly the header lengths named in [`super::proto`],
+//! and payload lengths that these decoders return.
+
+use super::proto::*;
+use crate::error::errno;
+
+/// A violation of the NBD protocol by the peer, or a request that must be refused.
+///
+/// [`ProtocolError::is_fatal`] says whether the connection can continue: a refused request gets an error reply
+/// and the session goes on; a frame that leaves the byte stream unsynchronised ends the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// A magic number did not match: the stream is not NBD or lost synchronisation.
+    #[error("bad {what} magic {found:#x}")]
+    BadMagic {
+        /// Which frame was being read.
+        what: &'static str,
+        /// The value received.
+        found: u64,
+    },
+    /// The server speaks oldstyle negotiation or not fixed newstyle; Shale needs fixed newstyle.
+    #[error("server does not offer fixed newstyle negotiation")]
+    NotFixedNewstyle,
+    /// The client set flags the server did not offer.
+    #[error("client flags {0:#x} not offered by the server")]
+    BadClientFlags(u32),
+    /// An option's data is longer than the server accepts during negotiation.
+    #[error("option {} carries {len} bytes, more than the {max}-byte limit", option_name(*option))]
+    OptionTooLarge {
+        /// Option number.
+        option: u32,
+        /// Declared data length.
+        len: u32,
+        /// Limit.
+        max: u32,
+    },
+    /// An option is known but its data is malformed; answered with `NBD_REP_ERR_INVALID`.
+    #[error("invalid {} option: {reason}", option_name(*option))]
+    InvalidOption {
+        /// Option number.
+        option: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A write's payload is larger than the advertised maximum: the server answers `EOVERFLOW` and closes,
+    /// rather than reading up to 4 GiB of data it will not use.
+    #[error("request {handle:#x}: payload of {len} bytes exceeds the {max}-byte maximum")]
+    PayloadTooLarge {
+        /// Request handle.
+        handle: u64,
+        /// Declared payload length.
+        len: u32,
+        /// Advertised maximum.
+        max: u32,
+    },
+    /// A request that is well-framed but refused; answered with `errno`, after discarding `skip` payload bytes.
+    #[error("{} request {handle:#x} refused (errno {errno}): {reason}", command_name(*command))]
+    Rejected {
+        /// Request handle (echoed in the error reply).
+        handle: u64,
+        /// Command number as received.
+        command: u16,
+        /// Error value for the reply.
+        errno: i32,
+        /// Payload bytes that follow the header and must be read and dropped to stay in sync.
+        skip: u32,
+        /// Why, for logs and structured error messages.
+        reason: &'static str,
+    },
+    /// A frame from the peer is inconsistent (lengths, types, strings).
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// Which frame.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl ProtocolError {
+    /// True when the connection cannot continue after this error.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self,
+            ProtocolError::Rejected { .. } | ProtocolError::InvalidOption { .. }
+        )
+    }
+
+    fn malformed(what: &'static str, detail: impl Into<String>) -> Self {
+        ProtocolError::Malformed {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// A cursor over option or reply data that turns short reads into typed errors instead of panics.
+struct Cursor<'a> {
+    data: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(data: &'a [u8], what: &'static str) -> Self {
+        Cursor { data, what }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.data.len() < n {
+            return Err(format!(
+                "{} truncated: need {n} more bytes, have {}",
+                self.what,
+                self.data.len()
+            ));
+        }
+        let (a, b) = self.data.split_at(n);
+        self.data = b;
+        Ok(a)
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        self.take(2).map(be16)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        self.take(4).map(be32)
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        self.take(8).map(be64)
+    }
+    fn string(&mut self, len: usize) -> Result<String, String> {
+        let raw = self.take(len)?;
+        check_string(raw)
+    }
+    fn rest_string(&mut self) -> Result<String, String> {
+        let n = self.data.len();
+        self.string(n)
+    }
+    fn finish(&self) -> Result<(), String> {
+        if self.data.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} has {} unexpected trailing bytes",
+                self.what,
+                self.data.len()
+            ))
+        }
+    }
+}
+
+/// Validate an NBD string: UTF-8, no NUL, at most [`MAX_STRING_LEN`] bytes.
+fn check_string(raw: &[u8]) -> Result<String, String> {
+    if raw.len() > MAX_STRING_LEN {
+        return Err(format!(
+            "string of {} bytes exceeds {MAX_STRING_LEN}",
+            raw.len()
+        ));
+    }
+    if raw.contains(&0) {
+        return Err("string contains NUL".into());
+    }
+    String::from_utf8(raw.to_vec()).map_err(|_| "string is not UTF-8".into())
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Handshake.
+
+/// The server's first 18 bytes: `NBDMAGIC`, `IHAVEOPT`, handshake flags.
+pub fn encode_greeting(handshake_flags: u16) -> [u8; GREETING_LEN] {
+    let mut b = [0u8; GREETING_LEN];
+    b[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    b[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    b[16..].copy_from_slice(&handshake_flags.to_be_bytes());
+    b
+}
+
+/// Parse the server greeting (client side); returns the handshake flags.
+pub fn decode_greeting(b: &[u8; GREETING_LEN]) -> Result<u16, ProtocolError> {
+    let m = be64(&b[..8]);
+    if m != NBDMAGIC {
+        return Err(ProtocolError::BadMagic {
+            what: "greeting",
+            found: m,
+        });
+    }
+    let m = be64(&b[8..16]);
+    if m != IHAVEOPT {
+        // 0x00420281861253 is the oldstyle magic; Shale does not speak oldstyle.
+        return Err(ProtocolError::BadMagic {
+            what: "newstyle greeting",
+            found: m,
+        });
+    }
+    let flags = be16(&b[16..]);
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(ProtocolError::NotFixedNewstyle);
+    }
+    Ok(flags)
+}
+
+/// What the client asked for in its 32-bit flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientFlags {
+    /// `NBD_FLAG_C_FIXED_NEWSTYLE`.
+    pub fixed_newstyle: bool,
+    /// `NBD_FLAG_C_NO_ZEROES`.
+    pub no_zeroes: bool,
+}
+
+/// Validate the client's flags against what the server offered; the spec requires dropping the connection
+/// on unknown or unoffered flags.
+pub fn decode_client_flags(flags: u32, offered: u16) -> Result<ClientFlags, ProtocolError> {
+    let mut allowed = 0;
+    if offered & FLAG_FIXED_NEWSTYLE != 0 {
+        allowed |= FLAG_C_FIXED_NEWSTYLE;
+    }
+    if offered & FLAG_NO_ZEROES != 0 {
+        allowed |= FLAG_C_NO_ZEROES;
+    }
+    if flags & !allowed != 0 {
+        return Err(ProtocolError::BadClientFlags(flags));
+    }
+    Ok(ClientFlags {
+        fixed_newstyle: flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// Encode an option header (client side).
+pub fn encode_option_header(option: u32, len: u32) -> [u8; OPTION_HEADER_LEN] {
+    let mut b = [0u8; OPTION_HEADER_LEN];
+    b[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    b[8..12].copy_from_slice(&option.to_be_bytes());
+    b[12..].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Parse an option header (server side): returns `(option, data length)`.
+pub fn decode_option_header(b: &[u8; OPTION_HEADER_LEN]) -> Result<(u32, u32), ProtocolError> {
+    let m = be64(&b[..8]);
+    if m != IHAVEOPT {
+        return Err(ProtocolError::BadMagic {
+            what: "option",
+            found: m,
+        });
+    }
+    Ok((be32(&b[8..12]), be32(&b[12..])))
+}
+
+/// A client option, decoded and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientOption {
+    /// `NBD_OPT_EXPORT_NAME`: select and enter transmission.
+    ExportName(String),
+    /// `NBD_OPT_ABORT`.
+    Abort,
+    /// `NBD_OPT_LIST`.
+    List,
+    /// `NBD_OPT_STARTTLS`.
+    StartTls,
+    /// `NBD_OPT_INFO`: describe an export.
+    Info {
+        /// Export name.
+        name: String,
+        /// Requested `NBD_INFO_*` types.
+        requests: Vec<u16>,
+    },
+    /// `NBD_OPT_GO`: describe and select an export.
+    Go {
+        /// Export name.
+        name: String,
+        /// Requested `NBD_INFO_*` types.
+        requests: Vec<u16>,
+    },
+    /// `NBD_OPT_STRUCTURED_REPLY`.
+    StructuredReply,
+    /// `NBD_OPT_LIST_META_CONTEXT`.
+    ListMetaContext {
+        /// Export name.
+        export: String,
+        /// Queries (empty: all contexts).
+        queries: Vec<String>,
+    },
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    SetMetaContext {
+        /// Export name.
+        export: String,
+        /// Queries (empty: select none).
+        queries: Vec<String>,
+    },
+    /// Any other option number; answered with `NBD_REP_ERR_UNSUP`.
+    Unknown(u32),
+}
+
+impl ClientOption {
+    /// The option number on the wire.
+    pub fn number(&self) -> u32 {
+        match self {
+            ClientOption::ExportName(_) => OPT_EXPORT_NAME,
+            ClientOption::Abort => OPT_ABORT,
+            ClientOption::List => OPT_LIST,
+            ClientOption::StartTls => OPT_STARTTLS,
+            ClientOption::Info { .. } => OPT_INFO,
+            ClientOption::Go { .. } => OPT_GO,
+            ClientOption::StructuredReply => OPT_STRUCTURED_REPLY,
+            ClientOption::ListMetaContext { .. } => OPT_LIST_META_CONTEXT,
+            ClientOption::SetMetaContext { .. } => OPT_SET_META_CONTEXT,
+            ClientOption::Unknown(n) => *n,
+        }
+    }
+}
+
+/// Decode an option's data (server side). Malformed data of a known option yields
+/// [`ProtocolError::InvalidOption`] (answer `NBD_REP_ERR_INVALID`, keep negotiating).
+pub fn decode_option(option: u32, data: &[u8]) -> Result<ClientOption, ProtocolError> {
+    let invalid = |reason: String| ProtocolError::InvalidOption { option, reason };
+    let no_data = |opt: ClientOption| {
+        if data.is_empty() {
+            Ok(opt)
+        } else {
+            Err(ProtocolError::InvalidOption {
+                option,
+                reason: format!("unexpected {} data bytes", data.len()),
+            })
+        }
+    };
+    match option {
+        OPT_EXPORT_NAME => check_string(data)
+            .map(ClientOption::ExportName)
+            .map_err(invalid),
+        OPT_ABORT => no_data(ClientOption::Abort),
+        OPT_LIST => no_data(ClientOption::List),
+        OPT_STARTTLS => no_data(ClientOption::StartTls),
+        OPT_STRUCTURED_REPLY => no_data(ClientOption::StructuredReply),
+        OPT_INFO | OPT_GO => {
+            let parse = || -> Result<(String, Vec<u16>), String> {
+                let mut c = Cursor::new(data, "info request");
+                let n = c.u32()? as usize;
+                let name = c.string(n)?;
+                let count = c.u16()? as usize;
+                let mut requests = Vec::with_capacity(count.min(16));
+                for _ in 0..count {
+                    requests.push(c.u16()?);
+                }
+                c.finish()?;
+                Ok((name, requests))
+            };
+            let (name, requests) = parse().map_err(invalid)?;
+            Ok(if option == OPT_GO {
+                ClientOption::Go { name, requests }
+            } else {
+                ClientOption::Info { name, requests }
+            })
+        }
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            let parse = || -> Result<(String, Vec<String>), String> {
+                let mut c = Cursor::new(data, "meta context request");
+                let n = c.u32()? as usize;
+                let export = c.string(n)?;
+                let count = c.u32()? as usize;
+                let mut queries = Vec::with_capacity(count.min(16));
+                for _ in 0..count {
+                    let n = c.u32()? as usize;
+                    queries.push(c.string(n)?);
+                }
+                c.finish()?;
+                Ok((export, queries))
+            };
+            let (export, queries) = parse().map_err(invalid)?;
+            Ok(if option == OPT_SET_META_CONTEXT {
+                ClientOption::SetMetaContext { export, queries }
+            } else {
+                ClientOption::ListMetaContext { export, queries }
+            })
+        }
+        other => Ok(ClientOption::Unknown(other)),
+    }
+}
+
+/// Encode a whole option (header and data) for sending (client side).
+pub fn encode_option(opt: &ClientOption, out: &mut Vec<u8>) {
+    let mut data = Vec::new();
+    match opt {
+        ClientOption::ExportName(name) => data.extend_from_slice(name.as_bytes()),
+        ClientOption::Info { name, requests } | ClientOption::Go { name, requests } => {
+            put_string(&mut data, name);
+            data.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+            for r in requests {
+                data.extend_from_slice(&r.to_be_bytes());
+            }
+        }
+        ClientOption::ListMetaContext { export, queries }
+        | ClientOption::SetMetaContext { export, queries } => {
+            put_string(&mut data, export);
+            data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+            for q in queries {
+                put_string(&mut data, q);
+            }
+        }
+        ClientOption::Abort
+        | ClientOption::List
+        | ClientOption::StartTls
+        | ClientOption::StructuredReply
+        | ClientOption::Unknown(_) => {}
+    }
+    out.extend_from_slice(&encode_option_header(opt.number(), data.len() as u32));
+    out.extend_from_slice(&data);
+}
+
+/// Encode an option reply (server side).
+pub fn encode_option_reply(out: &mut Vec<u8>, option: u32, reply_type: u32, payload: &[u8]) {
+    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply_type.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// An option reply header (client side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option this answers.
+    pub option: u32,
+    /// `NBD_REP_*`.
+    pub reply_type: u32,
+    /// Payload length that follows.
+    pub length: u32,
+}
+
+/// Parse an option reply header (client side).
+pub fn decode_option_reply_header(
+    b: &[u8; OPTION_REPLY_HEADER_LEN],
+) -> Result<OptionReplyHeader, ProtocolError> {
+    let m = be64(&b[..8]);
+    if m != OPTION_REPLY_MAGIC {
+        return Err(ProtocolError::BadMagic {
+            what: "option reply",
+            found: m,
+        });
+    }
+    Ok(OptionReplyHeader {
+        option: be32(&b[8..12]),
+        reply_type: be32(&b[12..16]),
+        length: be32(&b[16..]),
+    })
+}
+
+/// Payload of an `NBD_REP_SERVER` reply: the name, then an optional description.
+pub fn encode_rep_server(name: &str, description: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + name.len() + description.len());
+    put_string(&mut v, name);
+    v.extend_from_slice(description.as_bytes());
+    v
+}
+
+/// Parse an `NBD_REP_SERVER` payload into `(name, description)`.
+pub fn decode_rep_server(data: &[u8]) -> Result<(String, String), ProtocolError> {
+    let mut c = Cursor::new(data, "NBD_REP_SERVER");
+    let mut parse = || -> Result<(String, String), String> {
+        let n = c.u32()? as usize;
+        let name = c.string(n)?;
+        let desc = c.rest_string()?;
+        Ok((name, desc))
+    };
+    parse().map_err(|e| ProtocolError::malformed("NBD_REP_SERVER", e))
+}
+
+/// One `NBD_REP_INFO` payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InfoReply {
+    /// `NBD_INFO_EXPORT`: size and transmission flags.
+    Export {
+        /// Export size in bytes.
+        size: u64,
+        /// Transmission flags.
+        flags: u16,
+    },
+    /// `NBD_INFO_NAME`.
+    Name(String),
+    /// `NBD_INFO_DESCRIPTION`.
+    Description(String),
+    /// `NBD_INFO_BLOCK_SIZE`.
+    BlockSize {
+        /// Minimum block size.
+        min: u32,
+        /// Preferred block size.
+        preferred: u32,
+        /// Maximum payload size.
+        max: u32,
+    },
+    /// An info type this codec does not know (clients ignore it).
+    Unknown(u16),
+}
+
+/// Encode an `NBD_REP_INFO` payload.
+pub fn encode_info(info: &InfoReply) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    match info {
+        InfoReply::Export { size, flags } => {
+            v.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+            v.extend_from_slice(&size.to_be_bytes());
+            v.extend_from_slice(&flags.to_be_bytes());
+        }
+        InfoReply::Name(s) => {
+            v.extend_from_slice(&INFO_NAME.to_be_bytes());
+            v.extend_from_slice(s.as_bytes());
+        }
+        InfoReply::Description(s) => {
+            v.extend_from_slice(&INFO_DESCRIPTION.to_be_bytes());
+            v.extend_from_slice(s.as_bytes());
+        }
+        InfoReply::BlockSize {
+            min,
+            preferred,
+            max,
+        } => {
+            v.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+            v.extend_from_slice(&min.to_be_bytes());
+            v.extend_from_slice(&preferred.to_be_bytes());
+            v.extend_from_slice(&max.to_be_bytes());
+        }
+        InfoReply::Unknown(t) => v.extend_from_slice(&t.to_be_bytes()),
+    }
+    v
+}
+
+/// Parse an `NBD_REP_INFO` payload.
+pub fn decode_info(data: &[u8]) -> Result<InfoReply, ProtocolError> {
+    let mut c = Cursor::new(data, "NBD_REP_INFO");
+    let mut parse = || -> Result<InfoReply, String> {
+        let t = c.u16()?;
+        let r = match t {
+            INFO_EXPORT => InfoReply::Export {
+                size: c.u64()?,
+                flags: c.u16()?,
+            },
+            INFO_NAME => InfoReply::Name(c.rest_string()?),
+            INFO_DESCRIPTION => InfoReply::Description(c.rest_string()?),
+            INFO_BLOCK_SIZE => InfoReply::BlockSize {
+                min: c.u32()?,
+                preferred: c.u32()?,
+                max: c.u32()?,
+            },
+            other => return Ok(InfoReply::Unknown(other)),
+        };
+        c.finish()?;
+        Ok(r)
+    };
+    parse().map_err(|e| ProtocolError::malformed("NBD_REP_INFO", e))
+}
+
+/// Payload of an `NBD_REP_META_CONTEXT` reply.
+pub fn encode_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + name.len());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// Parse an `NBD_REP_META_CONTEXT` payload into `(id, name)`.
+pub fn decode_meta_context(data: &[u8]) -> Result<(u32, String), ProtocolError> {
+    let mut c = Cursor::new(data, "NBD_REP_META_CONTEXT");
+    let mut parse = || -> Result<(u32, String), String> { Ok((c.u32()?, c.rest_string()?)) };
+    parse().map_err(|e| ProtocolError::malformed("NBD_REP_META_CONTEXT", e))
+}
+
+/// The answer to `NBD_OPT_EXPORT_NAME`: size, flags, and (without `NO_ZEROES`) 124 zero bytes.
+pub fn encode_export_name_reply(out: &mut Vec<u8>, size: u64, flags: u16, no_zeroes: bool) {
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        out.extend_from_slice(&[0u8; EXPORT_NAME_ZEROES]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Transmission: requests.
+
+/// A request header exactly as on the wire (client side encoding, tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestHeader {
+    /// `NBD_CMD_FLAG_*`.
+    pub flags: u16,
+    /// `NBD_CMD_*`.
+    pub command: u16,
+    /// Opaque handle echoed in the reply.
+    pub handle: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length (payload length for writes).
+    pub length: u32,
+}
+
+/// Encode a request header.
+pub fn encode_request_header(h: &RequestHeader) -> [u8; REQUEST_HEADER_LEN] {
+    let mut b = [0u8; REQUEST_HEADER_LEN];
+    b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&h.flags.to_be_bytes());
+    b[6..8].copy_from_slice(&h.command.to_be_bytes());
+    b[8..16].copy_from_slice(&h.handle.to_be_bytes());
+    b[16..24].copy_from_slice(&h.offset.to_be_bytes());
+    b[24..].copy_from_slice(&h.length.to_be_bytes());
+    b
+}
+
+/// Parse a request header without validating it against an export (magic only).
+pub fn decode_request_header(b: &[u8; REQUEST_HEADER_LEN]) -> Result<RequestHeader, ProtocolError> {
+    let m = be32(&b[..4]);
+    if m != REQUEST_MAGIC {
+        return Err(ProtocolError::BadMagic {
+            what: "request",
+            found: u64::from(m),
+        });
+    }
+    Ok(RequestHeader {
+        flags: be16(&b[4..6]),
+        command: be16(&b[6..8]),
+        handle: be64(&b[8..16]),
+        offset: be64(&b[16..24]),
+        length: be32(&b[24..]),
+    })
+}
+
+/// What one connection negotiated; the context [`decode_request`] validates against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Minimum block size: offsets and lengths must be multiples of it.
+    pub min_block: u32,
+    /// Largest read or write payload accepted.
+    pub max_payload: u32,
+    /// Transmission flags advertised to this client.
+    pub flags: u16,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// `base:allocation` was selected (block status allowed).
+    pub block_status: bool,
+}
+
+impl Negotiated {
+    fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// A validated transmission command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Read `len` bytes.
+    Read {
+        /// Don't fragment: send at most one content chunk.
+        df: bool,
+    },
+    /// Write the `len`-byte payload that follows the header.
+    Write {
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Disconnect once in-flight requests finish.
+    Disconnect,
+    /// Flush.
+    Flush,
+    /// Discard.
+    Trim {
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Prefetch hint.
+    Cache,
+    /// Write zeroes.
+    WriteZeroes {
+        /// Force unit access.
+        fua: bool,
+        /// Must not deallocate (`NBD_CMD_FLAG_NO_HOLE`).
+        no_hole: bool,
+        /// Fail with `ENOTSUP` rather than be slow (`NBD_CMD_FLAG_FAST_ZERO`).
+        fast: bool,
+    },
+    /// Report `base:allocation` status.
+    BlockStatus {
+        /// At most one extent.
+        req_one: bool,
+    },
+}
+
+/// A request that passed validation: in range, aligned, permitted and correctly flagged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Opaque handle for the reply.
+    pub handle: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u32,
+    /// What to do.
+    pub command: Command,
+}
+
+impl Request {
+    /// Bytes of payload that follow the header on the wire.
+    pub fn payload_len(&self) -> u32 {
+        match self.command {
+            Command::Write { .. } => self.len,
+            _ => 0,
+        }
+    }
+}
+
+/// Parse and validate one request header against what the connection negotiated.
+///
+/// Errors: [`ProtocolError::BadMagic`] (fatal: the stream is out of sync), [`ProtocolError::PayloadTooLarge`]
+/// (fatal after an `EOVERFLOW` reply), and [`ProtocolError::Rejected`] carrying the errno to answer and the
+/// payload length to skip. Validation order follows the spec's error preferences: unknown command or flag
+/// (`EINVAL`), read-only (`EPERM`), size limit (`EOVERFLOW`), alignment (`EINVAL`), range (`EINVAL` for reads,
+/// `ENOSPC` for writes).
+pub fn decode_request(
+    b: &[u8; REQUEST_HEADER_LEN],
+    n: &Negotiated,
+) -> Result<Request, ProtocolError> {
+    let h = decode_request_header(b)?;
+    let skip = if h.command == CMD_WRITE { h.length } else { 0 };
+    let reject = |errno: i32, reason: &'static str| ProtocolError::Rejected {
+        handle: h.handle,
+        command: h.command,
+        errno,
+        skip,
+        reason,
+    };
+    if h.command == CMD_WRITE && h.length > n.max_payload {
+        return Err(ProtocolError::PayloadTooLarge {
+            handle: h.handle,
+            len: h.length,
+            max: n.max_payload,
+        });
+    }
+    // FUA is accepted on every command once advertised: real clients set it on flush and others.
+    let fua_ok = if n.has(FLAG_SEND_FUA) {
+        CMD_FLAG_FUA
+    } else {
+        0
+    };
+    let (command, allowed) = match h.command {
+        CMD_DISC => {
+            return Ok(Request {
+                handle: h.handle,
+                offset: h.offset,
+                len: h.length,
+                command: Command::Disconnect,
+            })
+        }
+        CMD_READ => {
+            let df_ok = if n.structured && n.has(FLAG_SEND_DF) {
+                CMD_FLAG_DF
+            } else {
+                0
+            };
+            (
+                Command::Read {
+                    df: h.flags & CMD_FLAG_DF != 0,
+                },
+                fua_ok | df_ok,
+            )
+        }
+        CMD_WRITE => (
+            Command::Write {
+                fua: h.flags & CMD_FLAG_FUA != 0,
+            },
+            fua_ok,
+        ),
+        CMD_FLUSH => (Command::Flush, fua_ok),
+        CMD_TRIM => (
+            Command::Trim {
+                fua: h.flags & CMD_FLAG_FUA != 0,
+            },
+            fua_ok,
+        ),
+        CMD_CACHE => (Command::Cache, fua_ok),
+        CMD_WRITE_ZEROES => {
+            let fast_ok = if n.has(FLAG_SEND_FAST_ZERO) {
+                CMD_FLAG_FAST_ZERO
+            } else {
+                0
+            };
+            (
+                Command::WriteZeroes {
+                    fua: h.flags & CMD_FLAG_FUA != 0,
+                    no_hole: h.flags & CMD_FLAG_NO_HOLE != 0,
+                    fast: h.flags & CMD_FLAG_FAST_ZERO != 0,
+                },
+                fua_ok | CMD_FLAG_NO_HOLE | fast_ok,
+            )
+        }
+        CMD_BLOCK_STATUS => (
+            Command::BlockStatus {
+                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+            },
+            fua_ok | CMD_FLAG_REQ_ONE,
+        ),
+        _ => return Err(reject(errno::EINVAL, "unknown command")),
+    };
+    if h.flags & !allowed != 0 {
+        return Err(reject(
+            errno::EINVAL,
+            "command flag not valid for this command or not negotiated",
+        ));
+    }
+    let advertised = match command {
+        Command::Flush => n.has(FLAG_SEND_FLUSH),
+        Command::Cache => n.has(FLAG_SEND_CACHE),
+        Command::BlockStatus { .. } => n.block_status,
+        _ => true,
+    };
+    if !advertised {
+        return Err(reject(errno::EINVAL, "command not negotiated"));
+    }
+    let writes = matches!(
+        command,
+        Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. }
+    );
+    if writes && n.has(FLAG_READ_ONLY) {
+        return Err(reject(errno::EPERM, "export is read-only"));
+    }
+    if matches!(command, Command::Flush) {
+        return Ok(Request {
+            handle: h.handle,
+            offset: 0,
+            len: 0,
+            command,
+        });
+    }
+    if matches!(command, Command::Read { .. }) && h.length > n.max_payload {
+        return Err(reject(
+            errno::EOVERFLOW,
+            "request exceeds the maximum block size",
+        ));
+    }
+    if h.length == 0 {
+        return Err(reject(errno::EINVAL, "zero-length request"));
+    }
+    let align = u64::from(n.min_block.max(1));
+    if h.offset % align != 0 || u64::from(h.length) % align != 0 {
+        return Err(reject(
+            errno::EINVAL,
+            "offset or length not aligned to the minimum block size",
+        ));
+    }
+    let in_range = h
+        .offset
+        .checked_add(u64::from(h.length))
+        .is_some_and(|end| end <= n.size);
+    if !in_range {
+        let e = if writes { errno::ENOSPC } else { errno::EINVAL };
+        return Err(reject(e, "request extends beyond the end of the export"));
+    }
+    Ok(Request {
+        handle: h.handle,
+        offset: h.offset,
+        len: h.length,
+        command,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Transmission: replies.
+
+/// A simple reply (16 bytes; read data, if any, follows).
+pub fn encode_simple_reply(error: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
+    let mut b = [0u8; SIMPLE_REPLY_LEN];
+    b[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..].copy_from_slice(&handle.to_be_bytes());
+    b
+}
+
+/// A structured reply chunk header (the payload of `length` bytes follows).
+pub fn encode_chunk_header(
+    flags: u16,
+    typ: u16,
+    handle: u64,
+    length: u32,
+) -> [u8; CHUNK_HEADER_LEN] {
+    let mut b = [0u8; CHUNK_HEADER_LEN];
+    b[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&typ.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// Header of an `OFFSET_DATA` chunk: chunk header plus the 8-byte offset; `data_len` bytes of data follow.
+pub fn encode_offset_data_header(
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    data_len: u32,
+) -> [u8; CHUNK_HEADER_LEN + 8] {
+    let mut b = [0u8; CHUNK_HEADER_LEN + 8];
+    b[..CHUNK_HEADER_LEN].copy_from_slice(&encode_chunk_header(
+        flags,
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        data_len + 8,
+    ));
+    b[CHUNK_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+    b
+}
+
+/// A complete `OFFSET_HOLE` chunk.
+pub fn encode_offset_hole(
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+) -> [u8; CHUNK_HEADER_LEN + 12] {
+    let mut b = [0u8; CHUNK_HEADER_LEN + 12];
+    b[..CHUNK_HEADER_LEN].copy_from_slice(&encode_chunk_header(
+        flags,
+        REPLY_TYPE_OFFSET_HOLE,
+        handle,
+        12,
+    ));
+    b[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
+    b[CHUNK_HEADER_LEN + 8..].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// A complete `NBD_REPLY_TYPE_NONE` chunk with the DONE flag.
+pub fn encode_none(handle: u64) -> [u8; CHUNK_HEADER_LEN] {
+    encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
+}
+
+/// A complete `NBD_REPLY_TYPE_ERROR` chunk with the DONE flag and a human-readable message.
+pub fn encode_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &str) {
+    // Message length is 16 bits; truncate on a character boundary.
+    let mut end = message.len().min(MAX_STRING_LEN);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &message.as_bytes()[..end];
+    out.extend_from_slice(&encode_chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        handle,
+        6 + msg.len() as u32,
+    ));
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+}
+
+/// A complete `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (with DONE) for descriptors `(length, flags)`.
+pub fn encode_block_status(
+    out: &mut Vec<u8>,
+    handle: u64,
+    context_id: u32,
+    descriptors: &[(u32, u32)],
+) {
+    let len = 4 + 8 * descriptors.len() as u32;
+    out.extend_from_slice(&encode_chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        handle,
+        len,
+    ));
+    out.extend_from_slice(&context_id.to_be_bytes());
+    for (l, f) in descriptors {
+        out.extend_from_slice(&l.to_be_bytes());
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+}
+
+/// A reply header as the client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    /// Simple reply; for a successful read, the request's length of data follows.
+    Simple {
+        /// Error value (0 for success).
+        error: u32,
+        /// Request handle.
+        handle: u64,
+    },
+    /// One structured chunk; `length` payload bytes follow.
+    Chunk {
+        /// `NBD_REPLY_FLAG_*`.
+        flags: u16,
+        /// `NBD_REPLY_TYPE_*`.
+        typ: u16,
+        /// Request handle.
+        handle: u64,
+        /// Payload length.
+        length: u32,
+    },
+}
+
+/// Total header length (including the 4 magic bytes) for a reply starting with `magic`.
+pub fn reply_header_len(magic: u32) -> Result<usize, ProtocolError> {
+    match magic {
+        SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_LEN),
+        STRUCTURED_REPLY_MAGIC => Ok(CHUNK_HEADER_LEN),
+        other => Err(ProtocolError::BadMagic {
+            what: "reply",
+            found: u64::from(other),
+        }),
+    }
+}
+
+/// Parse a reply header of the length [`reply_header_len`] gave.
+pub fn decode_reply_header(b: &[u8]) -> Result<ReplyHeader, ProtocolError> {
+    if b.len() < 4 {
+        return Err(ProtocolError::malformed(
+            "reply header",
+            "shorter than its magic",
+        ));
+    }
+    let magic = be32(b);
+    let need = reply_header_len(magic)?;
+    if b.len() != need {
+        return Err(ProtocolError::malformed(
+            "reply header",
+            format!("{} bytes, expected {need}", b.len()),
+        ));
+    }
+    Ok(if magic == SIMPLE_REPLY_MAGIC {
+        ReplyHeader::Simple {
+            error: be32(&b[4..8]),
+            handle: be64(&b[8..16]),
+        }
+    } else {
+        ReplyHeader::Chunk {
+            flags: be16(&b[4..6]),
+            typ: be16(&b[6..8]),
+            handle: be64(&b[8..16]),
+            length: be32(&b[16..20]),
+        }
+    })
+}
+
+/// Parse an `OFFSET_HOLE` payload into `(offset, length)`.
+pub fn decode_offset_hole(data: &[u8]) -> Result<(u64, u32), ProtocolError> {
+    if data.len() != 12 {
+        return Err(ProtocolError::malformed(
+            "OFFSET_HOLE chunk",
+            format!("length {} (expected 12)", data.len()),
+        ));
+    }
+    let len = be32(&data[8..]);
+    if len == 0 {
+        return Err(ProtocolError::malformed(
+            "OFFSET_HOLE chunk",
+            "zero-length hole",
+        ));
+    }
+    Ok((be64(data), len))
+}
+
+/// A decoded error chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorChunk {
+    /// Error value (nonzero).
+    pub error: u32,
+    /// Message for humans (may be empty).
+    pub message: String,
+    /// For `ERROR_OFFSET`: where the error happened.
+    pub offset: Option<u64>,
+}
+
+/// Parse the payload of an error chunk (any type with bit 15 set).
+pub fn decode_error_chunk(typ: u16, data: &[u8]) -> Result<ErrorChunk, ProtocolError> {
+    let mut c = Cursor::new(data, "error chunk");
+    let mut parse = || -> Result<ErrorChunk, String> {
+        let error = c.u32()?;
+        let n = c.u16()? as usize;
+        let raw = c.take(n)?;
+        let message = String::from_utf8_lossy(raw).into_owned();
+        let offset = if typ == REPLY_TYPE_ERROR_OFFSET {
+            Some(c.u64()?)
+        } else {
+            None
+        };
+        Ok(ErrorChunk {
+            error,
+            message,
+            offset,
+        })
+    };
+    let e = parse().map_err(|e| ProtocolError::malformed("error chunk", e))?;
+    if e.error == 0 {
+        return Err(ProtocolError::malformed(
+            "error chunk",
+            "error value is zero",
+        ));
+    }
+    Ok(e)
+}
+
+/// Parse a `BLOCK_STATUS` payload into the context id and `(length, flags)` descriptors.
+pub fn decode_block_status(data: &[u8]) -> Result<(u32, Vec<(u32, u32)>), ProtocolError> {
+    if data.len() < 12 || !(data.len() - 4).is_multiple_of(8) {
+        return Err(ProtocolError::malformed(
+            "BLOCK_STATUS chunk",
+            format!("length {}", data.len()),
+        ));
+    }
+    let id = be32(data);
+    let descs = data[4..]
+        .chunks_exact(8)
+        .map(|d| (be32(d), be32(&d[4..])))
+        .collect();
+    Ok((id, descs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn neg() -> Negotiated {
+        Negotiated {
+            size: 1 << 20,
+            min_block: 512,
+            max_payload: 1 << 16,
+            flags: FLAG_HAS_FLAGS
+                | FLAG_SEND_FLUSH
+                | FLAG_SEND_FUA
+                | FLAG_SEND_TRIM
+                | FLAG_SEND_WRITE_ZEROES
+                | FLAG_SEND_DF
+                | FLAG_SEND_CACHE
+                | FLAG_SEND_FAST_ZERO,
+            structured: true,
+            block_status: true,
+        }
+    }
+
+    fn req(command: u16, flags: u16, offset: u64, length: u32) -> [u8; REQUEST_HEADER_LEN] {
+        encode_request_header(&RequestHeader {
+            flags,
+            command,
+            handle: 0xabcdef,
+            offset,
+            length,
+        })
+    }
+
+    fn errno_of(r: Result<Request, ProtocolError>) -> i32 {
+        match r {
+            Err(ProtocolError::Rejected { errno, .. }) => errno,
+            other => panic!("expected rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_round_trip() {
+        let h = RequestHeader {
+            flags: 1,
+            command: CMD_WRITE,
+            handle: 7,
+            offset: 4096,
+            length: 512,
+        };
+        assert_eq!(
+            decode_request_header(&encode_request_header(&h)).unwrap(),
+            h
+        );
+        let r = decode_request(&encode_request_header(&h), &neg()).unwrap();
+        assert_eq!(r.command, Command::Write { fua: true });
+        assert_eq!(r.payload_len(), 512);
+    }
+
+    #[test]
+    fn request_validation() {
+        let n = neg();
+        let mut b = req(CMD_READ, 0, 0, 512);
+        b[0] ^= 1;
+        assert!(matches!(
+            decode_request(&b, &n),
+            Err(ProtocolError::BadMagic { .. })
+        ));
+        assert!(decode_request(&b, &n).unwrap_err().is_fatal());
+        assert_eq!(
+            errno_of(decode_request(&req(99, 0, 0, 512), &n)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_READ, 0, 1 << 20, 512), &n)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_READ, 0, u64::MAX - 511, 512), &n)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_READ, 0, 1, 512), &n)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_READ, 0, 0, 0), &n)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_READ, 0, 0, 1 << 17), &n)),
+            errno::EOVERFLOW
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_READ, 1 << 9, 0, 512), &n)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_WRITE, 0, 1 << 20, 512), &n)),
+            errno::ENOSPC
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_WRITE_ZEROES, 0, 1 << 20, 512), &n)),
+            errno::ENOSPC
+        );
+        assert!(matches!(
+            decode_request(&req(CMD_WRITE, 0, 0, u32::MAX), &n),
+            Err(ProtocolError::PayloadTooLarge { .. })
+        ));
+        // A rejected write still tells the caller how much payload to skip.
+        match decode_request(&req(CMD_WRITE, 0, 1 << 20, 512), &n) {
+            Err(ProtocolError::Rejected { skip, .. }) => assert_eq!(skip, 512),
+            other => panic!("{other:?}"),
+        }
+        let ro = Negotiated {
+            flags: n.flags | FLAG_READ_ONLY,
+            ..n
+        };
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_WRITE, 0, 0, 512), &ro)),
+            errno::EPERM
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_TRIM, 0, 0, 512), &ro)),
+            errno::EPERM
+        );
+        assert!(decode_request(&req(CMD_READ, 0, 0, 512), &ro).is_ok());
+        let plain = Negotiated {
+            structured: false,
+            block_status: false,
+            ..n
+        };
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_BLOCK_STATUS, 0, 0, 512), &plain)),
+            errno::EINVAL
+        );
+        assert_eq!(
+            errno_of(decode_request(&req(CMD_READ, CMD_FLAG_DF, 0, 512), &plain)),
+            errno::EINVAL
+        );
+        let r = decode_request(
+            &req(
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                0,
+                1 << 20,
+            ),
+            &n,
+        )
+        .unwrap();
+        assert_eq!(
+            r.command,
+            Command::WriteZeroes {
+                fua: false,
+                no_hole: true,
+                fast: true
+            }
+        );
+        // Trim and write-zeroes may exceed the payload limit: they carry no payload.
+        assert!(decode_request(&req(CMD_TRIM, 0, 0, 1 << 20), &n).is_ok());
+        assert_eq!(
+            decode_request(&req(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), &n)
+                .unwrap()
+                .command,
+            Command::Flush
+        );
+        assert_eq!(
+            decode_request(&req(CMD_DISC, 0, 0, 0), &n).unwrap().command,
+            Command::Disconnect
+        );
+    }
+
+    #[test]
+    fn options_round_trip() {
+        let opts = [
+            ClientOption::ExportName("vdi-1".into()),
+            ClientOption::Abort,
+            ClientOption::List,
+            ClientOption::StartTls,
+            ClientOption::StructuredReply,
+            ClientOption::Go {
+                name: "x".into(),
+                requests: vec![INFO_BLOCK_SIZE, INFO_NAME],
+            },
+            ClientOption::Info {
+                name: "".into(),
+                requests: vec![],
+            },
+            ClientOption::SetMetaContext {
+                export: "x".into(),
+                queries: vec![BASE_ALLOCATION.into()],
+            },
+            ClientOption::ListMetaContext {
+                export: "x".into(),
+                queries: vec![],
+            },
+            ClientOption::Unknown(4242),
+        ];
+        for o in opts {
+            let mut v = Vec::new();
+            encode_option(&o, &mut v);
+            let mut h = [0u8; OPTION_HEADER_LEN];
+            h.copy_from_slice(&v[..OPTION_HEADER_LEN]);
+            let (num, len) = decode_option_header(&h).unwrap();
+            assert_eq!(len as usize, v.len() - OPTION_HEADER_LEN);
+            assert_eq!(decode_option(num, &v[OPTION_HEADER_LEN..]).unwrap(), o);
+        }
+    }
+
+    #[test]
+    fn malformed_options_are_invalid_not_fatal() {
+        for (opt, data) in [
+            (OPT_GO, &[0u8, 0, 0, 9, b'a'][..]),
+            (OPT_GO, &[0xff, 0xff, 0xff, 0xff][..]),
+            (OPT_LIST, &[1u8][..]),
+            (
+                OPT_SET_META_CONTEXT,
+                &[0u8, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 50][..],
+            ),
+            (OPT_EXPORT_NAME, &[b'a', 0, b'b'][..]),
+            (OPT_EXPORT_NAME, &[0xc3, 0x28][..]),
+        ] {
+            let e = decode_option(opt, data).unwrap_err();
+            assert!(matches!(e, ProtocolError::InvalidOption { .. }), "{e:?}");
+            assert!(!e.is_fatal());
+        }
+    }
+
+    #[test]
+    fn handshake_frames() {
+        let g = encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        assert_eq!(
+            decode_greeting(&g).unwrap(),
+            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+        );
+        assert_eq!(
+            decode_greeting(&encode_greeting(0)),
+            Err(ProtocolError::NotFixedNewstyle)
+        );
+        let offered = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+        assert!(decode_client_flags(3, offered).unwrap().no_zeroes);
+        assert!(decode_client_flags(4, offered).is_err());
+        assert!(decode_client_flags(2, FLAG_FIXED_NEWSTYLE).is_err());
+        for info in [
+            InfoReply::Export {
+                size: 123,
+                flags: 7,
+            },
+            InfoReply::Name("n".into()),
+            InfoReply::Description("d d".into()),
+            InfoReply::BlockSize {
+                min: 512,
+                preferred: 4096,
+                max: 1 << 25,
+            },
+        ] {
+            assert_eq!(decode_info(&encode_info(&info)).unwrap(), info);
+        }
+        assert_eq!(
+            decode_rep_server(&encode_rep_server("a", "desc")).unwrap(),
+            ("a".into(), "desc".into())
+        );
+        assert_eq!(
+            decode_meta_context(&encode_meta_context(1, BASE_ALLOCATION)).unwrap(),
+            (1, BASE_ALLOCATION.into())
+        );
+        let mut v = Vec::new();
+        encode_option_reply(&mut v, OPT_GO, REP_ACK, &[]);
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        h.copy_from_slice(&v);
+        assert_eq!(
+            decode_option_reply_header(&h).unwrap(),
+            OptionReplyHeader {
+                option: OPT_GO,
+                reply_type: REP_ACK,
+                length: 0
+            }
+        );
+    }
+
+    #[test]
+    fn reply_frames() {
+        let s = encode_simple_reply(22, 9);
+        assert_eq!(reply_header_len(SIMPLE_REPLY_MAGIC).unwrap(), 16);
+        assert_eq!(
+            decode_reply_header(&s).unwrap(),
+            ReplyHeader::Simple {
+                error: 22,
+                handle: 9
+            }
+        );
+        let d = encode_offset_data_header(0, 5, 4096, 512);
+        assert_eq!(
+            decode_reply_header(&d[..CHUNK_HEADER_LEN]).unwrap(),
+            ReplyHeader::Chunk {
+                flags: 0,
+                typ: REPLY_TYPE_OFFSET_DATA,
+                handle: 5,
+                length: 520
+            }
+        );
+        let hole = encode_offset_hole(REPLY_FLAG_DONE, 5, 8192, 4096);
+        assert_eq!(
+            decode_offset_hole(&hole[CHUNK_HEADER_LEN..]).unwrap(),
+            (8192, 4096)
+        );
+        let mut v = Vec::new();
+        encode_error_chunk(&mut v, 3, 5, "boom");
+        let e = decode_error_chunk(REPLY_TYPE_ERROR, &v[CHUNK_HEADER_LEN..]).unwrap();
+        assert_eq!(
+            e,
+            ErrorChunk {
+                error: 5,
+                message: "boom".into(),
+                offset: None
+            }
+        );
+        let mut v = Vec::new();
+        encode_block_status(&mut v, 3, 1, &[(512, 0), (1024, 3)]);
+        assert_eq!(
+            decode_block_status(&v[CHUNK_HEADER_LEN..]).unwrap(),
+            (1, vec![(512, 0), (1024, 3)])
+        );
+        assert!(decode_block_status(&[0, 0, 0, 1]).is_err());
+        assert!(reply_header_len(0x1234).is_err());
+        assert_eq!(encode_none(1)[4..6], REPLY_FLAG_DONE.to_be_bytes());
+    }
+}

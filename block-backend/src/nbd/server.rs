@@ -1,0 +1,1576 @@
+//! The NBD server: exports [`BlockDevice`]s over Unix sockets and TCP.
+//!
+//! # Shape
+//! - [`NbdServer`] holds an [`ExportSource`] (by default its own [`ExportRegistry`], which the daemon fills and
+//!   empties at runtime), the live connections and their statistics ([`NbdServer::connections`]), and the
+//!   listeners ([`NbdServer::listen_unix`], [`NbdServer::listen_tcp`]).
+//! - Each connection runs a fixed newstyle handshake, then splits into a *reader* (this connection's task),
+//!   one spawned task per request, and one *writer* task that serialises replies. Replies go out in completion
+//!   order, so a slow request never blocks fast ones; the writer batches whatever replies are ready into one
+//!   vectored write.
+//! - In-flight work per connection is bounded by a semaphore counted in 4 KiB units of payload (at least one
+//!   per request), so a client cannot make the server buffer unbounded data.
+//!
+//! # Request life cycle
+//! `read 28-byte header → codec::decode_request (parse + validate) → acquire in-flight budget → read payload →
+//! spawn execute → reply to the writer → writer sends and releases the budget`. A refused request is answered
+//! with its errno (after its payload is skipped) and the session continues; a frame that breaks framing (bad
+//! magic, a write larger than the advertised maximum) ends only this connection, after every request already
+//! accepted has completed and been answered, so no acknowledged write is lost.
+//!
+//! # Reads
+//! With structured replies, a read of at least [`ServerConfig::sparse_read_min`] bytes asks the device for
+//! block status alongside the data and sends holes and zero extents as `OFFSET_HOLE` chunks, so sparse images
+//! copy without their zeroes crossing the wire. Smaller reads go as one data chunk: the extra status lookup
+//! would cost more than it saves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::codec::{self, ClientOption, Command, InfoReply, Negotiated, ProtocolError, Request};
+use super::proto::*;
+use super::NbdError;
+use crate::buf::IoBuf;
+use crate::device::{BlockDevice, DeviceInfo, Extent, ExtentKind};
+use crate::error::{errno, BlockError};
+use crate::semantics::{self, Request as SemReq, Response};
+
+/// Metadata context id Shale gives `base:allocation` after `NBD_OPT_SET_META_CONTEXT`.
+const BASE_ALLOCATION_ID: u32 = 1;
+/// Longest option data accepted during negotiation; real options are names and context queries (< 8 KiB).
+const MAX_OPTION_DATA: u32 = 64 << 10;
+/// Unit of the per-connection in-flight budget.
+const BUDGET_UNIT: u64 = 4096;
+/// Data chunks smaller than this are copied into the writer's header buffer instead of getting their own
+/// iovec.
+const COPY_THRESHOLD: usize = 2048;
+/// Most iovecs handed to one `writev`.
+const MAX_IOVECS: usize = 512;
+
+/// One exported volume.
+pub struct Export {
+    /// Name clients select it by (the VDI or snapshot name).
+    pub name: String,
+    /// Human-readable description (`NBD_INFO_DESCRIPTION`, `nbdinfo --list`).
+    pub description: String,
+    /// The volume.
+    pub device: Arc<dyn BlockDevice>,
+    /// Refuse writes even if the device accepts them (e.g. a snapshot, or an export made read-only by policy).
+    pub read_only: bool,
+}
+
+impl Export {
+    /// An export of `device` under `name`, read-write unless the device itself is read-only.
+    pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
+        Export {
+            name: name.into(),
+            description: String::new(),
+            device,
+            read_only: false,
+        }
+    }
+
+    /// Set the description.
+    pub fn with_description(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
+    }
+
+    /// Force the export read-only.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    fn is_read_only(&self, info: &DeviceInfo) -> bool {
+        self.read_only || info.read_only
+    }
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("read_only", &self.read_only)
+            .field("info", &self.device.info())
+            .finish()
+    }
+}
+
+/// What `NBD_OPT_LIST` and `shale nbd list` show about an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// Export name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Writes are refused.
+    pub read_only: bool,
+}
+
+impl ExportSummary {
+    fn of(e: &Export) -> Self {
+        let info = e.device.info();
+        ExportSummary {
+            name: e.name.clone(),
+            description: e.description.clone(),
+            size: info.size,
+            read_only: e.is_read_only(&info),
+        }
+    }
+}
+
+/// Where the server finds exports by name.
+///
+/// The daemon can either fill an [`ExportRegistry`] (the default) or implement this trait to open volumes on
+/// demand when a client asks for them.
+#[async_trait]
+pub trait ExportSource: Send + Sync + 'static {
+    /// The export a client asked for, if it exists. The empty name is the "default export".
+    async fn lookup(&self, name: &str) -> Option<Arc<Export>>;
+    /// Every export, for `NBD_OPT_LIST`.
+    async fn list(&self) -> Vec<ExportSummary>;
+}
+
+/// A name → export map, changed at runtime while clients are connected.
+///
+/// Removing an export stops new connections to it; connections already using it keep their device until they
+/// disconnect or are closed with [`NbdServer::disconnect_export`].
+#[derive(Default)]
+pub struct ExportRegistry {
+    exports: RwLock<BTreeMap<String, Arc<Export>>>,
+    default: RwLock<Option<String>>,
+}
+
+impl ExportRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add an export; fails if the name is taken.
+    pub fn add(&self, export: Export) -> Result<Arc<Export>, NbdError> {
+        let mut map = self.exports.write();
+        if map.contains_key(&export.name) {
+            return Err(NbdError::ExportExists(export.name));
+        }
+        let e = Arc::new(export);
+        map.insert(e.name.clone(), e.clone());
+        info!(export = %e.name, "NBD export added");
+        Ok(e)
+    }
+
+    /// Add or replace an export, returning the one replaced.
+    pub fn insert(&self, export: Export) -> Option<Arc<Export>> {
+        let e = Arc::new(export);
+        self.exports.write().insert(e.name.clone(), e)
+    }
+
+    /// Remove an export by name.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let r = self.exports.write().remove(name);
+        if r.is_some() {
+            info!(export = %name, "NBD export removed");
+        }
+        r
+    }
+
+    /// The export with this exact name.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports.read().get(name).cloned()
+    }
+
+    /// Choose which export the empty name selects (by default: the only export, when there is exactly one).
+    pub fn set_default(&self, name: Option<String>) {
+        *self.default.write() = name;
+    }
+
+    /// Every export, sorted by name.
+    pub fn summaries(&self) -> Vec<ExportSummary> {
+        self.exports
+            .read()
+            .values()
+            .map(|e| ExportSummary::of(e))
+            .collect()
+    }
+
+    /// Resolve a client's name: exact match, or for the empty name the configured default or the only export.
+    pub fn resolve(&self, name: &str) -> Option<Arc<Export>> {
+        if let Some(e) = self.get(name) {
+            return Some(e);
+        }
+        if !name.is_empty() {
+            return None;
+        }
+        if let Some(d) = self.default.read().as_deref() {
+            return self.get(d);
+        }
+        let map = self.exports.read();
+        if map.len() == 1 {
+            map.values().next().cloned()
+        } else {
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl ExportSource for ExportRegistry {
+    async fn lookup(&self, name: &str) -> Option<Arc<Export>> {
+        self.resolve(name)
+    }
+    async fn list(&self) -> Vec<ExportSummary> {
+        self.summaries()
+    }
+}
+
+/// Tunables of an [`NbdServer`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest read or write payload, advertised as the maximum block size (`NBD_INFO_BLOCK_SIZE`).
+    pub max_payload: u32,
+    /// Per-connection budget of payload bytes in flight (reads being served plus writes being applied).
+    pub max_in_flight_bytes: u64,
+    /// A client that has not finished negotiating by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Reads at least this long report holes as `OFFSET_HOLE` chunks (structured replies only).
+    pub sparse_read_min: u32,
+    /// Socket buffer size for the reader.
+    pub read_buffer: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_in_flight_bytes: 128 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            sparse_read_min: 64 << 10,
+            read_buffer: 256 << 10,
+        }
+    }
+}
+
+/// Where a listener accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// TCP address.
+    Tcp(SocketAddr),
+    /// Unix socket path.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// The URI a client (qemu, libnbd tools, [`super::NbdClient::connect_uri`]) uses to reach `export` here.
+    pub fn uri(&self, export: &str) -> String {
+        match self {
+            ListenAddr::Tcp(a) => format!("nbd://{a}/{export}"),
+            ListenAddr::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A running accept loop. Dropping it leaves the loop running (it ends with [`NbdServer::shutdown`]);
+/// [`Listener::stop`] ends it early.
+#[derive(Debug)]
+pub struct Listener {
+    addr: ListenAddr,
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// The bound address (with the real port when binding port 0).
+    pub fn local_addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    /// The URI of `export` through this listener.
+    pub fn uri(&self, export: &str) -> String {
+        self.addr.uri(export)
+    }
+
+    /// Stop accepting (established connections continue).
+    pub fn stop(self) {
+        self.task.abort();
+        if let ListenAddr::Unix(p) = &self.addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A snapshot of one client connection, for `shale nbd list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// Server-unique connection id.
+    pub id: u64,
+    /// Peer address (`tcp:ip:port` or `unix`).
+    pub peer: String,
+    /// Export selected (None while negotiating).
+    pub export: Option<String>,
+    /// When the client connected.
+    pub connected_at: SystemTime,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// Read requests served.
+    pub reads: u64,
+    /// Write requests served (write, trim, write-zeroes).
+    pub writes: u64,
+    /// Bytes returned by reads.
+    pub bytes_read: u64,
+    /// Bytes received in writes.
+    pub bytes_written: u64,
+    /// Flush requests served.
+    pub flushes: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Requests currently executing or waiting to be answered.
+    pub in_flight: u64,
+}
+
+#[derive(Default)]
+struct ConnCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    flushes: AtomicU64,
+    errors: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+struct ConnState {
+    id: u64,
+    peer: String,
+    connected_at: SystemTime,
+    export: Mutex<Option<String>>,
+    structured: std::sync::atomic::AtomicBool,
+    counters: ConnCounters,
+    kick: Notify,
+}
+
+impl ConnState {
+    fn snapshot(&self) -> ConnectionInfo {
+        let c = &self.counters;
+        ConnectionInfo {
+            id: self.id,
+            peer: self.peer.clone(),
+            export: self.export.lock().clone(),
+            connected_at: self.connected_at,
+            structured: self.structured.load(Ordering::Relaxed),
+            reads: c.reads.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            bytes_read: c.bytes_read.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Inner {
+    config: ServerConfig,
+    source: Arc<dyn ExportSource>,
+    registry: Option<Arc<ExportRegistry>>,
+    conns: Mutex<HashMap<u64, Arc<ConnState>>>,
+    next_conn: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+/// An NBD server: an export source, listeners, and live connections. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct NbdServer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("connections", &self.inner.conns.lock().len())
+            .finish()
+    }
+}
+
+impl NbdServer {
+    /// A server with its own empty [`ExportRegistry`] (reach it with [`NbdServer::registry`]).
+    pub fn new(config: ServerConfig) -> Self {
+        let reg = Arc::new(ExportRegistry::new());
+        Self::build(config, reg.clone(), Some(reg))
+    }
+
+    /// A server that finds exports through `source` (e.g. opening VDIs on demand).
+    pub fn with_source(config: ServerConfig, source: Arc<dyn ExportSource>) -> Self {
+        Self::build(config, source, None)
+    }
+
+    fn build(
+        mut config: ServerConfig,
+        source: Arc<dyn ExportSource>,
+        registry: Option<Arc<ExportRegistry>>,
+    ) -> Self {
+        // The in-flight budget must admit the largest single request.
+        config.max_payload = config.max_payload.clamp(4096, u32::MAX - 8);
+        config.max_in_flight_bytes = config
+            .max_in_flight_bytes
+            .max(u64::from(config.max_payload));
+        let (shutdown, _) = watch::channel(false);
+        NbdServer {
+            inner: Arc::new(Inner {
+                config,
+                source,
+                registry,
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(1),
+                shutdown,
+            }),
+        }
+    }
+
+    /// The built-in registry (None when the server was built [`NbdServer::with_source`]).
+    pub fn registry(&self) -> Option<&Arc<ExportRegistry>> {
+        self.inner.registry.as_ref()
+    }
+
+    /// Add an export to the built-in registry.
+    pub fn add_export(&self, export: Export) -> Result<Arc<Export>, NbdError> {
+        match &self.inner.registry {
+            Some(r) => r.add(export),
+            None => Err(NbdError::Io(io::Error::other(
+                "server uses an external export source",
+            ))),
+        }
+    }
+
+    /// Remove an export from the built-in registry; connected clients keep it until
+    /// [`NbdServer::disconnect_export`].
+    pub fn remove_export(&self, name: &str) -> Option<Arc<Export>> {
+        self.inner.registry.as_ref().and_then(|r| r.remove(name))
+    }
+
+    /// Every export the source offers.
+    pub async fn exports(&self) -> Vec<ExportSummary> {
+        self.inner.source.list().await
+    }
+
+    /// Every live connection with its counters.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        let mut v: Vec<_> = self
+            .inner
+            .conns
+            .lock()
+            .values()
+            .map(|c| c.snapshot())
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Close every connection using `export` (after their in-flight requests finish); returns how many.
+    pub fn disconnect_export(&self, export: &str) -> usize {
+        let conns = self.inner.conns.lock();
+        let mut n = 0;
+        for c in conns.values() {
+            if c.export.lock().as_deref() == Some(export) {
+                c.kick.notify_one();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Stop listeners and close every connection once its in-flight requests are answered.
+    pub fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        for c in self.inner.conns.lock().values() {
+            c.kick.notify_one();
+        }
+    }
+
+    /// Listen on TCP (use `127.0.0.1:0` for an ephemeral port; the default for Shale is loopback only).
+    pub async fn listen_tcp(&self, addr: impl tokio::net::ToSocketAddrs) -> io::Result<Listener> {
+        let l = TcpListener::bind(addr).await?;
+        let local = l.local_addr()?;
+        let server = self.clone();
+        let mut stop = self.inner.shutdown.subscribe();
+        info!(addr = %local, "NBD server listening on TCP");
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    r = l.accept() => match r {
+                        Ok((s, peer)) => {
+                            if let Err(e) = s.set_nodelay(true) {
+                                debug!(%peer, error = %e, "TCP_NODELAY failed");
+                            }
+                            let (rd, wr) = s.into_split();
+                            let server = server.clone();
+                            tokio::spawn(async move { server.serve_split(rd, wr, format!("tcp:{peer}")).await });
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "NBD accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Listener {
+            addr: ListenAddr::Tcp(local),
+            task,
+        })
+    }
+
+    /// Listen on a Unix socket at `path` (a stale socket file there is replaced).
+    pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<Listener> {
+        let path = path.as_ref().to_path_buf();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let l = UnixListener::bind(&path)?;
+        let server = self.clone();
+        let mut stop = self.inner.shutdown.subscribe();
+        info!(path = %path.display(), "NBD server listening on Unix socket");
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    r = l.accept() => match r {
+                        Ok((s, _)) => {
+                            let (rd, wr) = s.into_split();
+                            let server = server.clone();
+                            tokio::spawn(async move { server.serve_split(rd, wr, "unix".into()).await });
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "NBD accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Listener {
+            addr: ListenAddr::Unix(path),
+            task,
+        })
+    }
+
+    /// Serve one already-accepted connection (any byte stream: a socketpair, a TLS stream) until it ends.
+    pub async fn serve_stream<S>(&self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        self.serve_split(rd, wr, peer).await
+    }
+
+    async fn serve_split<R, W>(&self, rd: R, wr: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState {
+            id,
+            peer,
+            connected_at: SystemTime::now(),
+            export: Mutex::new(None),
+            structured: Default::default(),
+            counters: ConnCounters::default(),
+            kick: Notify::new(),
+        });
+        self.inner.conns.lock().insert(id, state.clone());
+        if *self.inner.shutdown.borrow() {
+            state.kick.notify_one();
+        }
+        debug!(conn = id, peer = %state.peer, "NBD connection opened");
+        let mut rd = BufReader::with_capacity(self.inner.config.read_buffer, rd);
+        let mut wr = wr;
+        let hs = tokio::select! {
+            r = tokio::time::timeout(self.inner.config.handshake_timeout, handshake(&self.inner, &state, &mut rd, &mut wr)) => {
+                match r {
+                    Ok(r) => r,
+                    Err(_) => Err(NbdError::Timeout),
+                }
+            }
+            _ = state.kick.notified() => Ok(None),
+        };
+        match hs {
+            Ok(Some(session)) => {
+                info!(conn = id, peer = %state.peer, export = %session.export.name, "NBD client entered transmission");
+                transmission(&self.inner, &state, session, rd, wr).await;
+            }
+            Ok(None) => {}
+            Err(e) => debug!(conn = id, error = %e, "NBD handshake ended"),
+        }
+        self.inner.conns.lock().remove(&id);
+        debug!(conn = id, "NBD connection closed");
+    }
+}
+
+/// Resolves once the server's shutdown flag is set (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Handshake.
+
+/// What a successful handshake hands to the transmission phase.
+struct Session {
+    export: Arc<Export>,
+    neg: Negotiated,
+}
+
+async fn send_rep<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    rep: u32,
+    payload: &[u8],
+) -> io::Result<()> {
+    let mut v = Vec::with_capacity(OPTION_REPLY_HEADER_LEN + payload.len());
+    codec::encode_option_reply(&mut v, option, rep, payload);
+    wr.write_all(&v).await
+}
+
+fn transmission_flags(export: &Export, info: &DeviceInfo, structured: bool) -> u16 {
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+    if export.is_read_only(info) {
+        f |= FLAG_READ_ONLY;
+    } else {
+        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        f |= FLAG_SEND_DF;
+    }
+    if info.can_multi_conn {
+        f |= FLAG_CAN_MULTI_CONN;
+    }
+    f
+}
+
+fn block_sizes(config: &ServerConfig, info: &DeviceInfo) -> (u32, u32, u32) {
+    let min = info.block_size.max(1);
+    let preferred = info
+        .preferred_block_size
+        .max(min)
+        .max(4096)
+        .min(config.max_payload);
+    // The maximum must be a multiple of the minimum.
+    let max = config.max_payload / min * min;
+    (min, preferred.next_power_of_two().min(max), max)
+}
+
+/// Which contexts a list of queries selects: Shale has exactly `base:allocation`.
+fn match_contexts(queries: &[String]) -> bool {
+    queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+}
+
+async fn handshake<R, W>(
+    inner: &Inner,
+    state: &ConnState,
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+) -> Result<Option<Session>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let offered = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+    wr.write_all(&codec::encode_greeting(offered)).await?;
+    wr.flush().await?;
+    let cflags = codec::decode_client_flags(rd.read_u32().await?, offered)?;
+    let mut structured = false;
+    // (canonical export name, base:allocation selected)
+    let mut meta: Option<(String, bool)> = None;
+    let mut data = Vec::new();
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        rd.read_exact(&mut hdr).await?;
+        let (option, len) = codec::decode_option_header(&hdr)?;
+        if len > MAX_OPTION_DATA {
+            return Err(ProtocolError::OptionTooLarge {
+                option,
+                len,
+                max: MAX_OPTION_DATA,
+            }
+            .into());
+        }
+        data.resize(len as usize, 0);
+        rd.read_exact(&mut data).await?;
+        let opt = match codec::decode_option(option, &data) {
+            Ok(o) => o,
+            Err(ProtocolError::InvalidOption { reason, .. }) => {
+                debug!(option = option_name(option), %reason, "invalid option");
+                send_rep(wr, option, REP_ERR_INVALID, reason.as_bytes()).await?;
+                wr.flush().await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        debug!(conn = state.id, option = option_name(option), "NBD option");
+        if *inner.shutdown.borrow() && !matches!(opt, ClientOption::Abort) {
+            send_rep(wr, option, REP_ERR_SHUTDOWN, b"server is shutting down").await?;
+            wr.flush().await?;
+            continue;
+        }
+        match opt {
+            ClientOption::ExportName(name) => {
+                let Some(export) = inner.source.lookup(&name).await else {
+                    // EXPORT_NAME cannot be answered with an error: the spec says to hang up.
+                    info!(conn = state.id, export = %name, "NBD client asked for an unknown export");
+                    return Ok(None);
+                };
+                let info = export.device.info();
+                let flags = transmission_flags(&export, &info, structured);
+                let mut v = Vec::with_capacity(8 + 2 + EXPORT_NAME_ZEROES);
+                codec::encode_export_name_reply(&mut v, info.size, flags, cflags.no_zeroes);
+                wr.write_all(&v).await?;
+                wr.flush().await?;
+                let block_status = matches!(&meta, Some((n, true)) if *n == export.name);
+                return Ok(Some(session(
+                    inner,
+                    state,
+                    export,
+                    &info,
+                    flags,
+                    structured,
+                    block_status,
+                )));
+            }
+            ClientOption::Abort => {
+                let _ = send_rep(wr, option, REP_ACK, &[]).await;
+                let _ = wr.flush().await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                for e in inner.source.list().await {
+                    send_rep(
+                        wr,
+                        option,
+                        REP_SERVER,
+                        &codec::encode_rep_server(&e.name, &e.description),
+                    )
+                    .await?;
+                }
+                send_rep(wr, option, REP_ACK, &[]).await?;
+            }
+            ClientOption::StartTls => {
+                send_rep(
+                    wr,
+                    option,
+                    REP_ERR_POLICY,
+                    b"TLS is not supported by this server",
+                )
+                .await?;
+            }
+            ClientOption::StructuredReply => {
+                structured = true;
+                state.structured.store(true, Ordering::Relaxed);
+                send_rep(wr, option, REP_ACK, &[]).await?;
+            }
+            ClientOption::Info { name, requests } | ClientOption::Go { name, requests } => {
+                let go = option == OPT_GO;
+                let Some(export) = inner.source.lookup(&name).await else {
+                    let msg = format!("no export named {name:?}");
+                    send_rep(wr, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                    wr.flush().await?;
+                    continue;
+                };
+                let info = export.device.info();
+                let flags = transmission_flags(&export, &info, structured);
+                let (min, pref, max) = block_sizes(&inner.config, &info);
+                let mut infos = vec![InfoReply::Export {
+                    size: info.size,
+                    flags,
+                }];
+                if requests.contains(&INFO_NAME) {
+                    infos.push(InfoReply::Name(export.name.clone()));
+                }
+                if requests.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
+                    infos.push(InfoReply::Description(export.description.clone()));
+                }
+                // Always sent: Shale needs aligned requests and clients must learn the maximum.
+                infos.push(InfoReply::BlockSize {
+                    min,
+                    preferred: pref,
+                    max,
+                });
+                for i in &infos {
+                    send_rep(wr, option, REP_INFO, &codec::encode_info(i)).await?;
+                }
+                send_rep(wr, option, REP_ACK, &[]).await?;
+                wr.flush().await?;
+                if go {
+                    let block_status = matches!(&meta, Some((n, true)) if *n == export.name);
+                    return Ok(Some(session(
+                        inner,
+                        state,
+                        export,
+                        &info,
+                        flags,
+                        structured,
+                        block_status,
+                    )));
+                }
+                continue;
+            }
+            ClientOption::ListMetaContext { export, queries }
+            | ClientOption::SetMetaContext { export, queries } => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if !structured {
+                    send_rep(
+                        wr,
+                        option,
+                        REP_ERR_INVALID,
+                        b"structured replies must be negotiated first",
+                    )
+                    .await?;
+                } else if let Some(e) = inner.source.lookup(&export).await {
+                    let selected = match_contexts(&queries) && !(set && queries.is_empty());
+                    if selected {
+                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                        send_rep(
+                            wr,
+                            option,
+                            REP_META_CONTEXT,
+                            &codec::encode_meta_context(id, BASE_ALLOCATION),
+                        )
+                        .await?;
+                    }
+                    if set {
+                        meta = Some((e.name.clone(), selected));
+                    }
+                    send_rep(wr, option, REP_ACK, &[]).await?;
+                } else {
+                    let msg = format!("no export named {export:?}");
+                    send_rep(wr, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+                }
+            }
+            ClientOption::Unknown(n) => {
+                debug!(option = n, "unsupported NBD option");
+                send_rep(wr, option, REP_ERR_UNSUP, b"option not supported").await?;
+            }
+        }
+        wr.flush().await?;
+    }
+}
+
+fn session(
+    inner: &Inner,
+    state: &ConnState,
+    export: Arc<Export>,
+    info: &DeviceInfo,
+    flags: u16,
+    structured: bool,
+    block_status: bool,
+) -> Session {
+    let (min, _, max) = block_sizes(&inner.config, info);
+    *state.export.lock() = Some(export.name.clone());
+    Session {
+        neg: Negotiated {
+            size: info.size,
+            min_block: min,
+            max_payload: max,
+            flags,
+            structured,
+            block_status,
+        },
+        export,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Transmission.
+
+/// A reply on its way to the writer task.
+enum Reply {
+    /// Simple reply without payload (any command's success or error, or any error without structured
+    /// replies).
+    Simple { handle: u64, error: u32 },
+    /// Simple reply carrying read data.
+    SimpleRead { handle: u64, buf: IoBuf },
+    /// Structured read reply: data chunks, and hole chunks for the parts `holes` marks.
+    StructuredRead {
+        handle: u64,
+        offset: u64,
+        buf: IoBuf,
+        extents: Option<Vec<Extent>>,
+    },
+    /// Structured error chunk with a message.
+    Error {
+        handle: u64,
+        error: u32,
+        message: String,
+    },
+    /// Block status descriptors.
+    BlockStatus {
+        handle: u64,
+        descriptors: Vec<(u32, u32)>,
+    },
+}
+
+struct Outgoing {
+    reply: Reply,
+    /// In-flight budget, returned once the reply is on the socket.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Shared by a connection's request tasks.
+struct ConnCtx {
+    device: Arc<dyn BlockDevice>,
+    info: DeviceInfo,
+    neg: Negotiated,
+    sparse_read_min: u32,
+    state: Arc<ConnState>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// Map a device error onto the errno values the NBD spec allows on the wire.
+fn wire_errno(e: &BlockError) -> u32 {
+    let n = e.errno();
+    let allowed = [
+        errno::EPERM,
+        errno::EIO,
+        errno::ENOMEM,
+        errno::EINVAL,
+        errno::ENOSPC,
+        errno::EOVERFLOW,
+        errno::ENOTSUP,
+        errno::ESHUTDOWN,
+    ];
+    if allowed.contains(&n) {
+        n as u32
+    } else {
+        errno::EIO as u32
+    }
+}
+
+impl ConnCtx {
+    fn error_reply(&self, handle: u64, error: u32, message: String) -> Reply {
+        self.state.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if self.neg.structured {
+            Reply::Error {
+                handle,
+                error,
+                message,
+            }
+        } else {
+            Reply::Simple { handle, error }
+        }
+    }
+
+    fn block_error(&self, handle: u64, e: &BlockError) -> Reply {
+        debug!(conn = self.state.id, handle, error = %e, "NBD request failed");
+        self.error_reply(handle, wire_errno(e), e.to_string())
+    }
+
+    fn send(&self, reply: Reply, permit: Option<OwnedSemaphorePermit>) {
+        // The writer is gone only when the connection is closing; the reply has nowhere to go.
+        let _ = self.tx.send(Outgoing {
+            reply,
+            _permit: permit,
+        });
+    }
+
+    /// Execute one validated request through the shared request semantics ([`crate::semantics`]), so NBD and
+    /// virtio-blk treat flush, FUA, discard and write-zeroes identically; only the NBD-specific parts (fast-zero
+    /// refusal, hole detection on reads, descriptor encoding) live here.
+    async fn execute(&self, req: Request, payload: Option<IoBuf>) -> Reply {
+        let h = req.handle;
+        let c = &self.state.counters;
+        let dev = &*self.device;
+        let (offset, len) = (req.offset, u64::from(req.len));
+        let ok = Reply::Simple {
+            handle: h,
+            error: 0,
+        };
+        let res: Result<Reply, BlockError> = match req.command {
+            Command::Read { df } => {
+                c.reads.fetch_add(1, Ordering::Relaxed);
+                let read = semantics::execute(
+                    dev,
+                    SemReq::Read {
+                        offset,
+                        len: req.len,
+                    },
+                );
+                let sparse = self.neg.structured && !df && req.len >= self.sparse_read_min;
+                let (data, extents) = if sparse {
+                    let (data, status) = tokio::join!(
+                        read,
+                        semantics::execute(dev, SemReq::BlockStatus { offset, len })
+                    );
+                    // Status is an optimisation: if it fails, everything is sent as data.
+                    let extents = match status {
+                        Ok(Response::Extents(e)) => Some(e),
+                        _ => None,
+                    };
+                    (data, extents)
+                } else {
+                    (read.await, None)
+                };
+                match data {
+                    Ok(Response::Data(buf)) => {
+                        c.bytes_read.fetch_add(len, Ordering::Relaxed);
+                        Ok(if self.neg.structured {
+                            Reply::StructuredRead {
+                                handle: h,
+                                offset,
+                                buf,
+                                extents,
+                            }
+                        } else {
+                            Reply::SimpleRead { handle: h, buf }
+                        })
+                    }
+                    Ok(_) => Err(BlockError::Other("read returned no data".into())),
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Write { fua } => {
+                c.writes.fetch_add(1, Ordering::Relaxed);
+                c.bytes_written.fetch_add(len, Ordering::Relaxed);
+                match payload {
+                    Some(data) => semantics::execute(dev, SemReq::Write { offset, data, fua })
+                        .await
+                        .map(|_| ok),
+                    None => Err(BlockError::Other("write without payload".into())),
+                }
+            }
+            Command::Flush => {
+                c.flushes.fetch_add(1, Ordering::Relaxed);
+                semantics::execute(dev, SemReq::Flush).await.map(|_| ok)
+            }
+            Command::Trim { fua } => {
+                c.writes.fetch_add(1, Ordering::Relaxed);
+                semantics::execute(dev, SemReq::Discard { offset, len, fua })
+                    .await
+                    .map(|_| ok)
+            }
+            Command::WriteZeroes { fua, no_hole, fast } => {
+                c.writes.fetch_add(1, Ordering::Relaxed);
+                if fast && !self.info.can_fast_zero {
+                    // FAST_ZERO asks us to fail rather than be slow; the client will fall back to writing.
+                    Err(BlockError::Unsupported("fast zero"))
+                } else {
+                    let r = SemReq::WriteZeroes {
+                        offset,
+                        len,
+                        may_trim: !no_hole,
+                        fua,
+                    };
+                    semantics::execute(dev, r).await.map(|_| ok)
+                }
+            }
+            Command::Cache => semantics::execute(dev, SemReq::Cache { offset, len })
+                .await
+                .map(|_| ok),
+            Command::BlockStatus { req_one } => {
+                match semantics::execute(dev, SemReq::BlockStatus { offset, len }).await {
+                    Ok(Response::Extents(ext)) => Ok(Reply::BlockStatus {
+                        handle: h,
+                        descriptors: descriptors(&ext, offset, req.len, req_one),
+                    }),
+                    Ok(_) => Err(BlockError::Other("block status returned no extents".into())),
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Disconnect => Ok(ok),
+        };
+        res.unwrap_or_else(|e| self.block_error(h, &e))
+    }
+}
+
+fn state_flags(kind: ExtentKind) -> u32 {
+    match kind {
+        ExtentKind::Data => 0,
+        ExtentKind::Zero => STATE_ZERO,
+        ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
+    }
+}
+
+/// Turn device extents into `base:allocation` descriptors clipped to the request, merged when adjacent ones
+/// share flags. The device returns at least the first byte; if it returns nothing usable the whole range is
+/// reported as allocated data (status 0 is always safe).
+fn descriptors(extents: &[Extent], offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let end = offset + u64::from(len);
+    let mut pos = offset;
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for e in extents {
+        let s = e.offset.max(pos);
+        let t = e.offset.saturating_add(e.length).min(end);
+        if t <= s {
+            continue;
+        }
+        if s != pos {
+            break; // a gap: report only the contiguous prefix
+        }
+        let flags = state_flags(e.kind);
+        let l = (t - s) as u32;
+        match out.last_mut() {
+            Some((ll, f)) if *f == flags => *ll += l,
+            _ => out.push((l, flags)),
+        }
+        pos = t;
+        if pos == end {
+            break;
+        }
+    }
+    if out.is_empty() {
+        out.push((len, 0));
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+async fn transmission<R, W>(
+    inner: &Inner,
+    state: &Arc<ConnState>,
+    session: Session,
+    mut rd: BufReader<R>,
+    wr: W,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(write_loop(wr, rx, session.neg.structured, state.clone()));
+    let ctx = Arc::new(ConnCtx {
+        info: session.export.device.info(),
+        device: session.export.device.clone(),
+        neg: session.neg,
+        sparse_read_min: inner.config.sparse_read_min,
+        state: state.clone(),
+        tx,
+    });
+    let total_units = inner
+        .config
+        .max_in_flight_bytes
+        .div_ceil(BUDGET_UNIT)
+        .min(u64::from(u32::MAX >> 3)) as u32;
+    let budget = Arc::new(Semaphore::new(total_units as usize));
+    let end = read_loop(&ctx, &mut rd, &budget, total_units).await;
+    match &end {
+        Ok(()) => debug!(conn = state.id, "NBD client disconnected"),
+        Err(e) => info!(conn = state.id, peer = %state.peer, error = %e, "NBD connection closing"),
+    }
+    // Drop our sender: the writer finishes once every in-flight request has been answered.
+    drop(ctx);
+    let _ = writer.await;
+}
+
+/// Reads and dispatches requests until the client disconnects, breaks the protocol, or the connection is
+/// kicked. Returns Ok on orderly ends (DISC, EOF between requests, kick).
+async fn read_loop<R>(
+    ctx: &Arc<ConnCtx>,
+    rd: &mut BufReader<R>,
+    budget: &Arc<Semaphore>,
+    total_units: u32,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Unpin + Send,
+{
+    let state = &ctx.state;
+    loop {
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        tokio::select! {
+            biased;
+            _ = state.kick.notified() => return Ok(()),
+            r = rd.read_exact(&mut hdr) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
+        }
+        let req = match codec::decode_request(&hdr, &ctx.neg) {
+            Ok(r) => r,
+            Err(ProtocolError::Rejected {
+                handle,
+                command,
+                errno,
+                skip,
+                reason,
+            }) => {
+                debug!(
+                    conn = state.id,
+                    handle,
+                    command = command_name(command),
+                    errno,
+                    reason,
+                    "NBD request refused"
+                );
+                if skip > 0 {
+                    let n = tokio::io::copy(
+                        &mut (&mut *rd).take(u64::from(skip)),
+                        &mut tokio::io::sink(),
+                    )
+                    .await?;
+                    if n < u64::from(skip) {
+                        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                    }
+                }
+                let reply = ctx.error_reply(handle, errno as u32, reason.to_string());
+                ctx.send(reply, None);
+                continue;
+            }
+            Err(ProtocolError::PayloadTooLarge { handle, len, max }) => {
+                let reply = ctx.error_reply(
+                    handle,
+                    errno::EOVERFLOW as u32,
+                    format!("payload {len} exceeds {max}"),
+                );
+                ctx.send(reply, None);
+                return Err(ProtocolError::PayloadTooLarge { handle, len, max }.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if req.command == Command::Disconnect {
+            return Ok(());
+        }
+        let bytes = match req.command {
+            Command::Read { .. } | Command::Write { .. } => u64::from(req.len),
+            _ => 0,
+        };
+        let units = (bytes / BUDGET_UNIT).clamp(1, u64::from(total_units)) as u32;
+        let permit = match budget.clone().acquire_many_owned(units).await {
+            Ok(p) => p,
+            Err(_) => return Ok(()),
+        };
+        let payload = if req.payload_len() > 0 {
+            let mut buf = IoBuf::zeroed(req.payload_len() as usize);
+            rd.read_exact(&mut buf).await?;
+            Some(buf)
+        } else {
+            None
+        };
+        state.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let reply = ctx.execute(req, payload).await;
+            ctx.state.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            ctx.send(reply, Some(permit));
+        });
+    }
+}
+
+/// Accumulates encoded replies as header bytes plus references to data buffers, then writes them with as few
+/// `writev` calls as possible.
+struct Batch {
+    meta: Vec<u8>,
+    /// (in meta: start, end) or (in batch item idx: start, end) segments, in wire order.
+    segs: Vec<Seg>,
+    items: Vec<Outgoing>,
+}
+
+#[derive(Clone, Copy)]
+enum Seg {
+    Meta(usize, usize),
+    Data(usize, usize, usize),
+}
+
+impl Batch {
+    fn push_meta(&mut self, bytes: &[u8]) {
+        let start = self.meta.len();
+        self.meta.extend_from_slice(bytes);
+        match self.segs.last_mut() {
+            Some(Seg::Meta(_, e)) if *e == start => *e = self.meta.len(),
+            _ => self.segs.push(Seg::Meta(start, self.meta.len())),
+        }
+    }
+
+    fn push_data(&mut self, item: usize, data: &[u8], start: usize, end: usize) {
+        if end - start < COPY_THRESHOLD {
+            self.push_meta(&data[start..end]);
+        } else {
+            self.segs.push(Seg::Data(item, start, end));
+        }
+    }
+
+    fn encode(&mut self, out: Outgoing, structured: bool) {
+        let idx = self.items.len();
+        match &out.reply {
+            Reply::Simple { handle, error } => {
+                self.push_meta(&codec::encode_simple_reply(*error, *handle))
+            }
+            Reply::SimpleRead { handle, buf } => {
+                self.push_meta(&codec::encode_simple_reply(0, *handle));
+                self.push_data(idx, buf, 0, buf.len());
+            }
+            Reply::StructuredRead {
+                handle,
+                offset,
+                buf,
+                extents,
+            } => {
+                let len = buf.len();
+                let chunks = read_chunks(extents.as_deref(), *offset, len);
+                let n = chunks.len();
+                for (i, (start, end, hole)) in chunks.into_iter().enumerate() {
+                    let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+                    let off = *offset + start as u64;
+                    if hole {
+                        self.push_meta(&codec::encode_offset_hole(
+                            flags,
+                            *handle,
+                            off,
+                            (end - start) as u32,
+                        ));
+                    } else {
+                        self.push_meta(&codec::encode_offset_data_header(
+                            flags,
+                            *handle,
+                            off,
+                            (end - start) as u32,
+                        ));
+                        self.push_data(idx, buf, start, end);
+                    }
+                }
+            }
+            Reply::Error {
+                handle,
+                error,
+                message,
+            } => {
+                if structured {
+                    let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + message.len());
+                    codec::encode_error_chunk(&mut v, *handle, *error, message);
+                    self.push_meta(&v);
+                } else {
+                    self.push_meta(&codec::encode_simple_reply(*error, *handle));
+                }
+            }
+            Reply::BlockStatus {
+                handle,
+                descriptors,
+            } => {
+                let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + 4 + 8 * descriptors.len());
+                codec::encode_block_status(&mut v, *handle, BASE_ALLOCATION_ID, descriptors);
+                self.push_meta(&v);
+            }
+        }
+        self.items.push(out);
+    }
+
+    fn clear(&mut self) {
+        self.meta.clear();
+        self.segs.clear();
+        self.items.clear();
+    }
+
+    async fn write_to<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> io::Result<u64> {
+        let mut written = 0u64;
+        let mut seg = 0;
+        let mut skip = 0usize; // bytes of segs[seg] already written
+        while seg < self.segs.len() {
+            let mut iov: Vec<IoSlice<'_>> =
+                Vec::with_capacity((self.segs.len() - seg).min(MAX_IOVECS));
+            for (i, s) in self.segs[seg..].iter().take(MAX_IOVECS).enumerate() {
+                let bytes = match *s {
+                    Seg::Meta(a, b) => &self.meta[a..b],
+                    Seg::Data(item, a, b) => match &self.items[item].reply {
+                        Reply::SimpleRead { buf, .. } | Reply::StructuredRead { buf, .. } => {
+                            &buf[a..b]
+                        }
+                        _ => &[][..],
+                    },
+                };
+                iov.push(IoSlice::new(if i == 0 { &bytes[skip..] } else { bytes }));
+            }
+            let mut n = wr.write_vectored(&iov).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            written += n as u64;
+            // Advance over fully written segments.
+            for s in iov.iter() {
+                if n >= s.len() {
+                    n -= s.len();
+                    seg += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    break;
+                }
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// Split a read of `len` bytes at `offset` into `(start, end, is_hole)` chunks relative to the buffer.
+fn read_chunks(extents: Option<&[Extent]>, offset: u64, len: usize) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    let mut pos = 0usize;
+    if let Some(extents) = extents {
+        for e in extents {
+            let s = e.offset.max(offset + pos as u64);
+            let t = e.offset.saturating_add(e.length).min(offset + len as u64);
+            if t <= s {
+                continue;
+            }
+            if s != offset + pos as u64 {
+                break;
+            }
+            let hole = e.kind != ExtentKind::Data;
+            let (a, b) = ((s - offset) as usize, (t - offset) as usize);
+            match out.last_mut() {
+                Some((_, end, h)) if *h == hole => *end = b,
+                _ => out.push((a, b, hole)),
+            }
+            pos = b;
+            if pos == len {
+                break;
+            }
+        }
+    }
+    if pos < len {
+        match out.last_mut() {
+            Some((_, end, false)) => *end = len,
+            _ => out.push((pos, len, false)),
+        }
+    }
+    out
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    structured: bool,
+    state: Arc<ConnState>,
+) {
+    let mut batch = Batch {
+        meta: Vec::with_capacity(64 << 10),
+        segs: Vec::new(),
+        items: Vec::new(),
+    };
+    let mut broken = false;
+    while let Some(first) = rx.recv().await {
+        if broken {
+            continue; // keep draining so request tasks can finish and release their budget
+        }
+        batch.encode(first, structured);
+        while batch.items.len() < 256 && batch.meta.len() < (1 << 20) {
+            match rx.try_recv() {
+                Ok(o) => batch.encode(o, structured),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = batch.write_to(&mut wr).await {
+            debug!(conn = state.id, error = %e, "NBD reply write failed; dropping further replies");
+            broken = true;
+        }
+        batch.clear();
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, length: u64, kind: ExtentKind) -> Extent {
+        Extent {
+            offset,
+            length,
+            kind,
+        }
+    }
+
+    #[test]
+    fn descriptors_clip_and_merge() {
+        let e = [
+            ext(0, 4096, ExtentKind::Data),
+            ext(4096, 4096, ExtentKind::Hole),
+            ext(8192, 4096, ExtentKind::Zero),
+            ext(12288, 4096, ExtentKind::Data),
+        ];
+        assert_eq!(
+            descriptors(&e, 1024, 14336, false),
+            vec![(3072, 0), (4096, 3), (4096, 2), (3072, 0)]
+        );
+        assert_eq!(descriptors(&e, 0, 4096, true), vec![(4096, 0)]);
+        assert_eq!(descriptors(&[], 0, 512, false), vec![(512, 0)]);
+        let holes = [
+            ext(0, 4096, ExtentKind::Hole),
+            ext(4096, 4096, ExtentKind::Hole),
+        ];
+        assert_eq!(descriptors(&holes, 0, 8192, false), vec![(8192, 3)]);
+    }
+
+    #[test]
+    fn read_chunks_cover_the_request() {
+        let e = [
+            ext(0, 4096, ExtentKind::Data),
+            ext(4096, 8192, ExtentKind::Hole),
+            ext(12288, 4096, ExtentKind::Zero),
+        ];
+        assert_eq!(
+            read_chunks(Some(&e), 0, 16384),
+            vec![(0, 4096, false), (4096, 16384, true)]
+        );
+        assert_eq!(
+            read_chunks(Some(&e), 2048, 4096),
+            vec![(0, 2048, false), (2048, 4096, true)]
+        );
+        // Partial coverage: the rest is sent as data.
+        assert_eq!(read_chunks(Some(&e[..1]), 0, 8192), vec![(0, 8192, false)]);
+        assert_eq!(
+            read_chunks(Some(&e[1..2]), 4096, 16384),
+            vec![(0, 8192, true), (8192, 16384, false)]
+        );
+        assert_eq!(read_chunks(None, 0, 512), vec![(0, 512, false)]);
+    }
+
+    #[test]
+    fn block_size_advertisement() {
+        let info = DeviceInfo {
+            size: 1 << 30,
+            block_size: 512,
+            preferred_block_size: 65536,
+            read_only: false,
+            can_trim: true,
+            can_fast_zero: true,
+            can_multi_conn: true,
+        };
+        let (min, pref, max) = block_sizes(&ServerConfig::default(), &info);
+        assert_eq!((min, pref, max), (512, 65536, 32 << 20));
+        assert_eq!(max % min, 0);
+    }
+}

@@ -1,0 +1,800 @@
+//! Shale's NBD client against Shale's NBD server, serving a `FileDevice` on a sparse file, plus raw-socket
+//! abuse of the server (malformed frames must cost only the offending connection).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use shale_block::nbd::codec::{self, RequestHeader};
+use shale_block::nbd::proto::*;
+use shale_block::nbd::{Export, NbdAddr, NbdClient, NbdError};
+use shale_block::{BlockDevice, BlockError, DeviceInfo, Extent, ExtentKind, IoBuf, WriteFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: u64 = 1 << 20;
+
+async fn client(uri: &str) -> NbdClient {
+    NbdClient::connect_uri(uri).await.expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_write_flush_trim_zero_status_over_tcp_and_unix() {
+    let s = serve().await;
+    s.export_file("vol", 64 * MIB, false);
+    for uri in [s.tcp_uri("vol"), s.unix_uri("vol")] {
+        let c = client(&uri).await;
+        let info = c.info();
+        assert_eq!(info.size, 64 * MIB);
+        assert_eq!(info.block_size, 512);
+        assert!(!info.read_only && info.can_multi_conn && info.can_trim);
+        assert!(c.structured_replies() && c.has_block_status());
+        assert_eq!(c.max_payload(), 32 << 20);
+        assert_eq!(c.description(), Some("test export vol"));
+
+        let data = pattern(MIB, 128 << 10, 7);
+        c.write(MIB, IoBuf::from_slice(&data), WriteFlags::default())
+            .await
+            .unwrap();
+        c.write(4 * MIB, IoBuf::from_slice(&data[..4096]), WriteFlags::FUA)
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+        let back = c.read(MIB, IoBuf::zeroed(data.len())).await.unwrap();
+        assert_eq!(&back[..], &data[..]);
+
+        // A large sparse read: data in the middle, holes around it (sent as hole chunks, zero-filled here).
+        let mut junk = IoBuf::zeroed(4 * MIB as usize);
+        junk.fill(0xAA);
+        let back = c.read(0, junk).await.unwrap();
+        assert!(back[..MIB as usize].iter().all(|&b| b == 0));
+        assert_eq!(&back[MIB as usize..MIB as usize + data.len()], &data[..]);
+        assert!(back[MIB as usize + data.len()..].iter().all(|&b| b == 0));
+
+        let ext = c.block_status(0, 8 * MIB).await.unwrap();
+        assert_eq!(
+            ext[0],
+            Extent {
+                offset: 0,
+                length: MIB,
+                kind: ExtentKind::Hole
+            }
+        );
+        assert!(ext
+            .iter()
+            .any(|e| e.kind == ExtentKind::Data && e.offset == MIB));
+
+        // Discard and write-zeroes read back as zeroes.
+        c.discard(MIB, 64 << 10).await.unwrap();
+        c.write_zeroes(MIB + (64 << 10), 4096, false, WriteFlags::FUA)
+            .await
+            .unwrap();
+        let back = c.read(MIB, IoBuf::zeroed(data.len())).await.unwrap();
+        assert!(back[..(64 << 10) + 4096].iter().all(|&b| b == 0));
+        assert_eq!(&back[(64 << 10) + 4096..], &data[(64 << 10) + 4096..]);
+        c.discard(0, 64 * MIB).await.unwrap();
+        c.disconnect().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_in_flight_on_one_connection() {
+    let s = serve().await;
+    s.export_file("vol", 16 * MIB, false);
+    let c = Arc::new(client(&s.tcp_uri("vol")).await);
+    let n = 512u64;
+    let writes = (0..n).map(|i| {
+        let c = c.clone();
+        async move {
+            c.write(
+                i * 8192,
+                IoBuf::from_slice(&pattern(i * 8192, 8192, 1)),
+                WriteFlags::default(),
+            )
+            .await
+        }
+    });
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+    let reads = (0..n).map(|i| {
+        let c = c.clone();
+        async move { (i, c.read(i * 8192, IoBuf::zeroed(8192)).await) }
+    });
+    for (i, r) in futures::future::join_all(reads).await {
+        assert_eq!(
+            &r.unwrap()[..],
+            &pattern(i * 8192, 8192, 1)[..],
+            "block {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_larger_than_max_payload_are_split() {
+    let s = serve().await;
+    s.export_file("vol", 128 * MIB, false);
+    let c = client(&s.unix_uri("vol")).await;
+    let data = pattern(0, 40 << 20, 3);
+    c.write(8 * MIB, IoBuf::from_slice(&data), WriteFlags::default())
+        .await
+        .unwrap();
+    let back = c.read(8 * MIB, IoBuf::zeroed(data.len())).await.unwrap();
+    assert!(back[..] == data[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_per_spec() {
+    let s = serve().await;
+    s.export_file("vol", MIB, false);
+    s.export_file("snap", MIB, true);
+    let c = client(&s.tcp_uri("vol")).await;
+    // The client validates locally too; send raw requests to see the server's answers.
+    let e = c.read(MIB, IoBuf::zeroed(512)).await.unwrap_err();
+    assert!(matches!(e, BlockError::OutOfRange { .. }), "{e:?}");
+
+    let ro = client(&s.tcp_uri("snap")).await;
+    assert!(ro.info().read_only);
+    assert!(ro.transmission_flags() & FLAG_READ_ONLY != 0);
+    assert!(ro.transmission_flags() & FLAG_SEND_TRIM == 0);
+
+    let mut raw = RawConn::connect(&s, "vol", true).await;
+    assert_eq!(raw.request(CMD_READ, 0, MIB, 512, None).await, errno_e(22));
+    assert_eq!(raw.request(CMD_READ, 0, 1, 512, None).await, errno_e(22));
+    assert_eq!(
+        raw.request(CMD_READ, 0, u64::MAX - 511, 512, None).await,
+        errno_e(22)
+    );
+    assert_eq!(
+        raw.request(CMD_WRITE, 0, MIB, 512, Some(&[1u8; 512])).await,
+        errno_e(28)
+    );
+    assert_eq!(
+        raw.request(CMD_WRITE_ZEROES, 0, MIB - 512, 1024, None)
+            .await,
+        errno_e(28)
+    );
+    assert_eq!(
+        raw.request(CMD_BLOCK_STATUS, 0, MIB, 512, None).await,
+        errno_e(22)
+    );
+    assert_eq!(raw.request(77, 0, 0, 512, None).await, errno_e(22));
+    assert_eq!(
+        raw.request(CMD_READ, 0x8000, 0, 512, None).await,
+        errno_e(22)
+    );
+    assert_eq!(
+        raw.request(CMD_READ, 0, 0, 64 << 20, None).await,
+        errno_e(75)
+    );
+    // The session is still fine.
+    assert_eq!(
+        raw.request(CMD_WRITE, 0, 0, 512, Some(&[9u8; 512])).await,
+        Ok(vec![])
+    );
+    assert_eq!(
+        raw.request(CMD_READ, 0, 0, 512, None).await,
+        Ok(vec![9u8; 512])
+    );
+
+    let mut raw = RawConn::connect(&s, "snap", true).await;
+    assert_eq!(
+        raw.request(CMD_WRITE, 0, 0, 512, Some(&[1u8; 512])).await,
+        errno_e(1)
+    );
+    assert_eq!(raw.request(CMD_TRIM, 0, 0, 512, None).await, errno_e(1));
+    assert_eq!(
+        raw.request(CMD_WRITE_ZEROES, 0, 0, 512, None).await,
+        errno_e(1)
+    );
+    assert_eq!(
+        raw.request(CMD_READ, 0, 0, 512, None).await,
+        Ok(vec![0u8; 512])
+    );
+
+    // Without structured replies: simple replies with errno, data inline.
+    let mut raw = RawConn::connect(&s, "vol", false).await;
+    assert_eq!(
+        raw.request(CMD_READ, 0, 0, 512, None).await,
+        Ok(vec![9u8; 512])
+    );
+    assert_eq!(raw.request(CMD_READ, 0, MIB, 512, None).await, errno_e(22));
+    assert_eq!(
+        raw.request(CMD_BLOCK_STATUS, 0, 0, 512, None).await,
+        errno_e(22)
+    );
+    raw.disconnect().await;
+}
+
+fn errno_e(e: u32) -> Result<Vec<u8>, u32> {
+    Err(e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_export_and_listing() {
+    let s = serve().await;
+    s.export_file("a", MIB, false);
+    s.export_file("b", 2 * MIB, true);
+    let (addr, _) = NbdAddr::parse_uri(&s.tcp_uri("")).unwrap();
+    let list = NbdClient::list_exports(&addr).await.unwrap();
+    assert_eq!(
+        list,
+        vec![
+            ("a".into(), "test export a".into()),
+            ("b".into(), "test export b".into())
+        ]
+    );
+    let e = NbdClient::connect(&addr, "nope").await.unwrap_err();
+    assert!(matches!(e, NbdError::NoSuchExport(_)), "{e}");
+    // Empty name with two exports: no default.
+    assert!(NbdClient::connect(&addr, "").await.is_err());
+    s.server.registry().unwrap().set_default(Some("b".into()));
+    assert_eq!(
+        NbdClient::connect(&addr, "").await.unwrap().info().size,
+        2 * MIB
+    );
+
+    let exports = s.server.exports().await;
+    assert_eq!(exports.len(), 2);
+    assert!(exports[1].read_only);
+    assert!(s.server.remove_export("a").is_some());
+    assert!(NbdClient::connect(&addr, "a").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_stats_and_disconnect_export() {
+    let s = serve().await;
+    s.export_file("vol", MIB, false);
+    let c1 = client(&s.tcp_uri("vol")).await;
+    let c2 = client(&s.unix_uri("vol")).await;
+    c1.write(0, IoBuf::from_slice(&[5u8; 4096]), WriteFlags::default())
+        .await
+        .unwrap();
+    c1.read(0, IoBuf::zeroed(4096)).await.unwrap();
+    c2.flush().await.unwrap();
+    let conns = s.server.connections();
+    assert_eq!(conns.len(), 2);
+    let tcp = conns.iter().find(|c| c.peer.starts_with("tcp:")).unwrap();
+    assert_eq!(tcp.export.as_deref(), Some("vol"));
+    assert_eq!(
+        (tcp.reads, tcp.writes, tcp.bytes_read, tcp.bytes_written),
+        (1, 1, 4096, 4096)
+    );
+    assert!(tcp.structured);
+    let unix = conns.iter().find(|c| c.peer == "unix").unwrap();
+    assert_eq!(unix.flushes, 1);
+
+    assert_eq!(s.server.disconnect_export("vol"), 2);
+    wait_for(|| s.server.connections().is_empty()).await;
+    assert!(c1.read(0, IoBuf::zeroed(512)).await.is_err());
+}
+
+async fn wait_for(mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached");
+}
+
+/// A device whose reads at offset 0 are slow, to prove replies are sent as requests complete.
+struct SlowFirstBlock(Arc<dyn BlockDevice>);
+
+#[async_trait]
+impl BlockDevice for SlowFirstBlock {
+    fn info(&self) -> DeviceInfo {
+        self.0.info()
+    }
+    async fn read(&self, offset: u64, buf: IoBuf) -> shale_block::Result<IoBuf> {
+        if offset == 0 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        self.0.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: IoBuf, flags: WriteFlags) -> shale_block::Result<()> {
+        self.0.write(offset, data, flags).await
+    }
+    async fn flush(&self) -> shale_block::Result<()> {
+        self.0.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> shale_block::Result<()> {
+        self.0.discard(offset, len).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        flags: WriteFlags,
+    ) -> shale_block::Result<()> {
+        self.0.write_zeroes(offset, len, may_trim, flags).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> shale_block::Result<Vec<Extent>> {
+        self.0.block_status(offset, len).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_are_out_of_order() {
+    let s = serve().await;
+    let dev = s.export_file("base", MIB, false);
+    s.server
+        .add_export(Export::new("slow", Arc::new(SlowFirstBlock(dev))))
+        .unwrap();
+    let c = client(&s.tcp_uri("slow")).await;
+    let start = std::time::Instant::now();
+    let slow = c.read(0, IoBuf::zeroed(512));
+    let fast = async {
+        let r = c.read(4096, IoBuf::zeroed(512)).await;
+        (r, start.elapsed())
+    };
+    let (slow, (fast, fast_t)) = tokio::join!(slow, fast);
+    slow.unwrap();
+    fast.unwrap();
+    assert!(
+        fast_t < Duration::from_millis(300),
+        "fast read waited for the slow one: {fast_t:?}"
+    );
+}
+
+/// Minimal hand-rolled client for sending exactly the frames a test wants.
+struct RawConn {
+    s: TcpStream,
+    structured: bool,
+    handle: u64,
+}
+
+impl RawConn {
+    async fn connect(s: &Served, export: &str, structured: bool) -> RawConn {
+        let addr = match s.tcp.local_addr() {
+            shale_block::nbd::ListenAddr::Tcp(a) => *a,
+            other => panic!("{other:?}"),
+        };
+        let mut st = TcpStream::connect(addr).await.unwrap();
+        let mut g = [0u8; GREETING_LEN];
+        st.read_exact(&mut g).await.unwrap();
+        codec::decode_greeting(&g).unwrap();
+        st.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .unwrap();
+        let mut opts = vec![];
+        if structured {
+            opts.push(codec::ClientOption::StructuredReply);
+            opts.push(codec::ClientOption::SetMetaContext {
+                export: export.into(),
+                queries: vec![BASE_ALLOCATION.into()],
+            });
+        }
+        opts.push(codec::ClientOption::Go {
+            name: export.into(),
+            requests: vec![],
+        });
+        for o in opts {
+            let mut v = vec![];
+            codec::encode_option(&o, &mut v);
+            st.write_all(&v).await.unwrap();
+            loop {
+                let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+                st.read_exact(&mut h).await.unwrap();
+                let h = codec::decode_option_reply_header(&h).unwrap();
+                let mut d = vec![0u8; h.length as usize];
+                st.read_exact(&mut d).await.unwrap();
+                assert!(
+                    h.reply_type & REP_FLAG_ERROR == 0,
+                    "option {} refused",
+                    h.option
+                );
+                if h.reply_type == REP_ACK {
+                    break;
+                }
+            }
+        }
+        RawConn {
+            s: st,
+            structured,
+            handle: 100,
+        }
+    }
+
+    /// Send one request; return the read data (or empty) or the error value.
+    async fn request(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<&[u8]>,
+    ) -> Result<Vec<u8>, u32> {
+        self.handle += 1;
+        let h = RequestHeader {
+            flags,
+            command,
+            handle: self.handle,
+            offset,
+            length,
+        };
+        self.s
+            .write_all(&codec::encode_request_header(&h))
+            .await
+            .unwrap();
+        if let Some(p) = payload {
+            self.s.write_all(p).await.unwrap();
+        }
+        read_reply(
+            &mut self.s,
+            self.handle,
+            offset,
+            if command == CMD_READ { length } else { 0 },
+            self.structured,
+        )
+        .await
+    }
+
+    async fn disconnect(mut self) {
+        let h = RequestHeader {
+            command: CMD_DISC,
+            ..Default::default()
+        };
+        self.s
+            .write_all(&codec::encode_request_header(&h))
+            .await
+            .unwrap();
+        let mut rest = vec![];
+        self.s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+async fn read_reply(
+    s: &mut TcpStream,
+    handle: u64,
+    base: u64,
+    read_len: u32,
+    structured: bool,
+) -> Result<Vec<u8>, u32> {
+    let mut data = vec![0u8; read_len as usize];
+    let mut error = None;
+    loop {
+        let mut m = [0u8; 4];
+        s.read_exact(&mut m).await.unwrap();
+        let n = codec::reply_header_len(u32::from_be_bytes(m)).unwrap();
+        let mut hdr = vec![0u8; n];
+        hdr[..4].copy_from_slice(&m);
+        s.read_exact(&mut hdr[4..]).await.unwrap();
+        match codec::decode_reply_header(&hdr).unwrap() {
+            codec::ReplyHeader::Simple {
+                error: e,
+                handle: h,
+            } => {
+                assert_eq!(h, handle);
+                assert!(
+                    !structured || read_len == 0,
+                    "simple reply to a structured read"
+                );
+                if e != 0 {
+                    return Err(e);
+                }
+                s.read_exact(&mut data).await.unwrap();
+                return Ok(data);
+            }
+            codec::ReplyHeader::Chunk {
+                flags,
+                typ,
+                handle: h,
+                length,
+            } => {
+                assert_eq!(h, handle);
+                let mut p = vec![0u8; length as usize];
+                s.read_exact(&mut p).await.unwrap();
+                match typ {
+                    REPLY_TYPE_OFFSET_DATA => {
+                        let off = (u64::from_be_bytes(p[..8].try_into().unwrap()) - base) as usize;
+                        data[off..off + p.len() - 8].copy_from_slice(&p[8..]);
+                    }
+                    REPLY_TYPE_OFFSET_HOLE => {}
+                    REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_NONE => {}
+                    t if t & REPLY_TYPE_FLAG_ERROR != 0 => {
+                        error = Some(codec::decode_error_chunk(t, &p).unwrap().error);
+                    }
+                    t => panic!("unexpected chunk type {t}"),
+                }
+                if flags & REPLY_FLAG_DONE != 0 {
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(data),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Malformed frames end only the offending connection; other clients and acknowledged writes are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_cost_only_their_connection() {
+    let s = serve().await;
+    s.export_file("vol", 4 * MIB, false);
+    let good = client(&s.tcp_uri("vol")).await;
+    let data = pattern(0, 64 << 10, 9);
+    good.write(MIB, IoBuf::from_slice(&data), WriteFlags::default())
+        .await
+        .unwrap();
+    let addr = match s.tcp.local_addr() {
+        shale_block::nbd::ListenAddr::Tcp(a) => *a,
+        other => panic!("{other:?}"),
+    };
+
+    // 1. Garbage instead of the client flags.
+    let mut st = TcpStream::connect(addr).await.unwrap();
+    let mut g = [0u8; GREETING_LEN];
+    st.read_exact(&mut g).await.unwrap();
+    st.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    expect_closed(&mut st).await;
+
+    // 2. An option claiming 4 GiB of data.
+    let mut st = TcpStream::connect(addr).await.unwrap();
+    st.read_exact(&mut g).await.unwrap();
+    st.write_all(&1u32.to_be_bytes()).await.unwrap();
+    st.write_all(&codec::encode_option_header(OPT_GO, u32::MAX))
+        .await
+        .unwrap();
+    expect_closed(&mut st).await;
+
+    // 3. Option with a bad magic.
+    let mut st = TcpStream::connect(addr).await.unwrap();
+    st.read_exact(&mut g).await.unwrap();
+    st.write_all(&1u32.to_be_bytes()).await.unwrap();
+    st.write_all(&[0xffu8; 16]).await.unwrap();
+    expect_closed(&mut st).await;
+
+    // 4. Unknown options and STARTTLS are answered, the session continues.
+    let mut st = TcpStream::connect(addr).await.unwrap();
+    st.read_exact(&mut g).await.unwrap();
+    st.write_all(&1u32.to_be_bytes()).await.unwrap();
+    for (opt, expect) in [
+        (4242u32, REP_ERR_UNSUP),
+        (OPT_STARTTLS, REP_ERR_POLICY),
+        (OPT_EXTENDED_HEADERS, REP_ERR_UNSUP),
+    ] {
+        st.write_all(&codec::encode_option_header(opt, 0))
+            .await
+            .unwrap();
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        st.read_exact(&mut h).await.unwrap();
+        let h = codec::decode_option_reply_header(&h).unwrap();
+        assert_eq!((h.option, h.reply_type), (opt, expect));
+        let mut d = vec![0u8; h.length as usize];
+        st.read_exact(&mut d).await.unwrap();
+    }
+    // Malformed GO data: ERR_INVALID, session continues, then ABORT gets an ACK.
+    st.write_all(&codec::encode_option_header(OPT_GO, 3))
+        .await
+        .unwrap();
+    st.write_all(&[0, 0, 9]).await.unwrap();
+    let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+    st.read_exact(&mut h).await.unwrap();
+    let h = codec::decode_option_reply_header(&h).unwrap();
+    assert_eq!(h.reply_type, REP_ERR_INVALID);
+    let mut d = vec![0u8; h.length as usize];
+    st.read_exact(&mut d).await.unwrap();
+    st.write_all(&codec::encode_option_header(OPT_ABORT, 0))
+        .await
+        .unwrap();
+    let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+    st.read_exact(&mut h).await.unwrap();
+    assert_eq!(
+        codec::decode_option_reply_header(&h).unwrap().reply_type,
+        REP_ACK
+    );
+    expect_closed(&mut st).await;
+
+    // 5. Transmission: a request with a bad magic.
+    let mut raw = RawConn::connect(&s, "vol", true).await;
+    raw.s.write_all(&[0x55u8; 28]).await.unwrap();
+    expect_closed(&mut raw.s).await;
+
+    // 6. A write claiming a 4 GiB payload: EOVERFLOW, then the connection closes.
+    let mut raw = RawConn::connect(&s, "vol", true).await;
+    let h = RequestHeader {
+        flags: 0,
+        command: CMD_WRITE,
+        handle: 1,
+        offset: 0,
+        length: u32::MAX,
+    };
+    raw.s
+        .write_all(&codec::encode_request_header(&h))
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut raw.s, 1, 0, 0, true).await, Err(75));
+    expect_closed(&mut raw.s).await;
+
+    // 7. Truncated payload: the header promises 64 KiB, the client sends 100 bytes and hangs up.
+    let mut raw = RawConn::connect(&s, "vol", true).await;
+    let h = RequestHeader {
+        flags: 0,
+        command: CMD_WRITE,
+        handle: 1,
+        offset: 0,
+        length: 65536,
+    };
+    raw.s
+        .write_all(&codec::encode_request_header(&h))
+        .await
+        .unwrap();
+    raw.s.write_all(&[0xEE; 100]).await.unwrap();
+    drop(raw);
+
+    // 8. A flood of pipelined requests, then an abrupt close.
+    let mut raw = RawConn::connect(&s, "vol", true).await;
+    let mut v = vec![];
+    for i in 0..1000u64 {
+        let h = RequestHeader {
+            flags: 0,
+            command: CMD_READ,
+            handle: i,
+            offset: (i % 64) * 4096,
+            length: 4096,
+        };
+        v.extend_from_slice(&codec::encode_request_header(&h));
+    }
+    raw.s.write_all(&v).await.unwrap();
+    drop(raw);
+
+    // 9. An unknown command mid-stream is answered with EINVAL and the session continues.
+    let mut raw = RawConn::connect(&s, "vol", true).await;
+    assert_eq!(raw.request(0x7777, 0, 0, 0, None).await, Err(22));
+    assert_eq!(
+        raw.request(CMD_READ, 0, MIB, 4096, None).await,
+        Ok(data[..4096].to_vec())
+    );
+
+    // The well-behaved client never noticed; its acknowledged write is intact; a new client works.
+    let back = good.read(MIB, IoBuf::zeroed(data.len())).await.unwrap();
+    assert_eq!(&back[..], &data[..]);
+    let fresh = client(&s.unix_uri("vol")).await;
+    let back = fresh.read(MIB, IoBuf::zeroed(data.len())).await.unwrap();
+    assert_eq!(&back[..], &data[..]);
+    // The truncated write never happened.
+    assert!(fresh
+        .read(0, IoBuf::zeroed(4096))
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+}
+
+async fn expect_closed(st: &mut TcpStream) {
+    let mut buf = vec![0u8; 4096];
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match st.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "server did not close the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disc_drains_in_flight_writes() {
+    let s = serve().await;
+    s.export_file("vol", 16 * MIB, false);
+    let addr = match s.tcp.local_addr() {
+        shale_block::nbd::ListenAddr::Tcp(a) => *a,
+        other => panic!("{other:?}"),
+    };
+    let mut raw = RawConn::connect(&s, "vol", true).await;
+    let _ = addr;
+    // Pipeline 64 writes and a DISC without waiting: every write must be applied and answered before close.
+    let mut v = vec![];
+    for i in 0..64u64 {
+        let h = RequestHeader {
+            flags: 0,
+            command: CMD_WRITE,
+            handle: i,
+            offset: i * 65536,
+            length: 65536,
+        };
+        v.extend_from_slice(&codec::encode_request_header(&h));
+        v.extend_from_slice(&pattern(i * 65536, 65536, 4));
+    }
+    v.extend_from_slice(&codec::encode_request_header(&RequestHeader {
+        command: CMD_DISC,
+        ..Default::default()
+    }));
+    raw.s.write_all(&v).await.unwrap();
+    let mut replies = vec![];
+    raw.s.read_to_end(&mut replies).await.unwrap();
+    assert_eq!(replies.len(), 64 * SIMPLE_REPLY_LEN);
+    let c = client(&s.tcp_uri("vol")).await;
+    let back = c.read(0, IoBuf::zeroed(64 * 65536)).await.unwrap();
+    assert!(back[..] == pattern(0, 64 * 65536, 4)[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_against_qemu_nbd() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.raw");
+    sparse_file(&img, 16 * MIB);
+    let sock = dir.path().join("q.sock");
+    let mut child = tokio::process::Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "-x",
+            "qexp",
+            "-e",
+            "4",
+            "--cache=none",
+            "--aio=threads",
+            "-k",
+        ])
+        .arg(&sock)
+        .arg(&img)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = Arc::new(
+        NbdClient::connect(&NbdAddr::Unix(sock.clone()), "qexp")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(c.info().size, 16 * MIB);
+    assert!(c.structured_replies() && c.has_block_status());
+    let data = pattern(0, 1 << 20, 5);
+    c.write(2 * MIB, IoBuf::from_slice(&data), WriteFlags::FUA)
+        .await
+        .unwrap();
+    let jobs = (0..64u64).map(|i| {
+        let c = c.clone();
+        async move {
+            c.write(
+                8 * MIB + i * 4096,
+                IoBuf::from_slice(&pattern(i, 4096, 2)),
+                WriteFlags::default(),
+            )
+            .await
+        }
+    });
+    for r in futures::future::join_all(jobs).await {
+        r.unwrap();
+    }
+    c.flush().await.unwrap();
+    let back = c.read(0, IoBuf::zeroed(4 * MIB as usize)).await.unwrap();
+    assert!(back[..2 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(back[2 * MIB as usize..3 * MIB as usize] == data[..]);
+    for i in 0..64u64 {
+        let b = c
+            .read(8 * MIB + i * 4096, IoBuf::zeroed(4096))
+            .await
+            .unwrap();
+        assert_eq!(&b[..], &pattern(i, 4096, 2)[..]);
+    }
+    let ext = c.block_status(0, 16 * MIB).await.unwrap();
+    assert_eq!(ext[0].kind, ExtentKind::Hole);
+    assert!(ext.iter().any(|e| e.kind == ExtentKind::Data
+        && e.offset <= 2 * MIB
+        && e.offset + e.length >= 3 * MIB));
+    c.discard(2 * MIB, MIB).await.unwrap();
+    let back = c.read(2 * MIB, IoBuf::zeroed(MIB as usize)).await.unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    drop(c);
+    let _ = child.kill().await;
+}
