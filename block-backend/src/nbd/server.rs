@@ -957,6 +957,74 @@ struct ConnCtx {
     sparse_read_min: u32,
     state: Arc<ConnState>,
     tx: mpsc::UnboundedSender<Outgoing>,
+    order: Overlaps,
+}
+
+/// Keeps overlapping requests of one connection in arrival order.
+///
+/// The spec lets a server execute requests in any order, but real clients (fio's `trimwrite`, qemu's mirror)
+/// pipeline a trim and a write of the same block and expect the write to win, as it does with qemu-nbd. So a
+/// request that overlaps an earlier in-flight request, where either of them modifies data, waits for the
+/// earlier one to finish on the device. Disjoint requests (the common case) never wait; replies still go out in
+/// completion order.
+#[derive(Default)]
+struct Overlaps {
+    list: Mutex<Vec<InFlightRange>>,
+    next: AtomicU64,
+}
+
+struct InFlightRange {
+    seq: u64,
+    start: u64,
+    end: u64,
+    writes: bool,
+    /// Closed when the request has finished on the device (a closed semaphore is a sticky one-shot event).
+    done: Arc<Semaphore>,
+}
+
+/// Removes its range from [`Overlaps`] and wakes waiters when dropped, even if the request task panics.
+struct OverlapGuard<'a> {
+    owner: &'a Overlaps,
+    seq: u64,
+    done: Arc<Semaphore>,
+}
+
+impl Overlaps {
+    /// Register `[start, end)` and return the events of earlier conflicting requests to wait for.
+    fn register(
+        &self,
+        start: u64,
+        end: u64,
+        writes: bool,
+    ) -> (u64, Arc<Semaphore>, Vec<Arc<Semaphore>>) {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let done = Arc::new(Semaphore::new(0));
+        let mut list = self.list.lock();
+        let deps = list
+            .iter()
+            .filter(|r| (r.writes || writes) && r.start < end && start < r.end)
+            .map(|r| r.done.clone())
+            .collect();
+        list.push(InFlightRange {
+            seq,
+            start,
+            end,
+            writes,
+            done: done.clone(),
+        });
+        (seq, done, deps)
+    }
+}
+
+impl Drop for OverlapGuard<'_> {
+    fn drop(&mut self) {
+        let mut list = self.owner.list.lock();
+        if let Some(i) = list.iter().position(|r| r.seq == self.seq) {
+            list.swap_remove(i);
+        }
+        drop(list);
+        self.done.close();
+    }
 }
 
 /// Map a device error onto the errno values the NBD spec allows on the wire.
@@ -1178,6 +1246,7 @@ async fn transmission<R, W>(
         sparse_read_min: inner.config.sparse_read_min,
         state: state.clone(),
         tx,
+        order: Overlaps::default(),
     });
     let total_units = inner
         .config
@@ -1280,9 +1349,38 @@ where
             None
         };
         state.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        // Ordering is decided here, in arrival order, before the request runs concurrently with others.
+        let range = match req.command {
+            Command::Read { .. } | Command::BlockStatus { .. } => Some(false),
+            Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. } => {
+                Some(true)
+            }
+            Command::Flush | Command::Cache | Command::Disconnect => None,
+        }
+        .map(|writes| {
+            ctx.order
+                .register(req.offset, req.offset + u64::from(req.len), writes)
+        });
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let guard = range.map(|(seq, done, deps)| {
+                (
+                    OverlapGuard {
+                        owner: &ctx.order,
+                        seq,
+                        done,
+                    },
+                    deps,
+                )
+            });
+            if let Some((_, deps)) = &guard {
+                for d in deps {
+                    // Err(Closed) is the signal that the earlier request finished.
+                    let _ = d.acquire().await;
+                }
+            }
             let reply = ctx.execute(req, payload).await;
+            drop(guard);
             ctx.state.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             ctx.send(reply, Some(permit));
         });
