@@ -60,3 +60,39 @@ fn guest_writes_flushes_reads_discards() {
         "notifications arrive via ioeventfd"
     );
 }
+
+#[test]
+fn hostile_guest_gets_errors_and_resets_not_a_crash() {
+    if !common::kvm_available() {
+        return;
+    }
+    let guest = common::build_guest("hostile");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = common::TestFileDisk::create(&dir.path().join("disk.raw"), 1 << 20, false);
+    let mut cfg = VmConfig::new("hostile", 64 << 20, BootSource::FlatBinary(guest));
+    cfg.disks.push(Disk::new(disk.clone(), false));
+    let mut vm = Vm::new(cfg).expect("create VM");
+    vm.start().expect("start VM");
+    let exit = vm.wait_timeout(Duration::from_secs(120));
+    let console = vm.console().text();
+    println!("console:\n{console}");
+    let stats = vm.stats();
+    println!("stats: {stats:?}");
+    assert_eq!(
+        exit,
+        Some(VmExit::GuestExit(0)),
+        "guest failed; console:\n{console}"
+    );
+    // The VMM is still alive and the data of the healthy requests landed.
+    for sector in 1..=4u64 {
+        assert_eq!(
+            disk.read_at(sector * 512, 512),
+            common::pattern_bytes(sector, 1)
+        );
+    }
+    assert!(stats.disks[0].invalid >= 8, "malformed chains were refused");
+    assert!(
+        stats.disks[0].resets >= 3,
+        "ring errors led to device resets"
+    );
+}
