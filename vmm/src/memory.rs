@@ -55,7 +55,7 @@ fn memfd_create(name: &str) -> Result<File> {
 impl GuestRam {
     /// Create `size` bytes of RAM (a multiple of 4 KiB) backed by a fresh memfd named after the VM.
     pub fn new(name: &str, size: u64) -> Result<Self> {
-        if size < 16 << 20 || size % 4096 != 0 {
+        if size < 16 << 20 || !size.is_multiple_of(4096) {
             return Err(VmmError::InvalidConfig(format!(
                 "memory must be a multiple of 4 KiB and at least 16 MiB, got {size} bytes"
             )));

@@ -14,9 +14,9 @@ fn guest_writes_flushes_reads_discards() {
     }
     let guest = common::build_guest("blk_test");
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = common::TestFileDisk::create(&dir.path().join("disk.raw"), 1 << 20, false);
+    let disk = common::file_disk(&dir.path().join("disk.raw"), 1 << 20, false);
     // Pre-fill the ranges the guest will discard/zero with junk the host can see go away.
-    disk.write_at(32 * 512, &[0x5a; 4096]);
+    common::write_via(&*disk, 32 * 512, &[0x5a; 4096]);
 
     let mut cfg = VmConfig::new("blk-test", 64 << 20, BootSource::FlatBinary(guest));
     cfg.disks.push(Disk {
@@ -37,19 +37,35 @@ fn guest_writes_flushes_reads_discards() {
     );
     assert!(console.contains("shale-guest: PASS"));
 
-    // Host-side verification through the BlockDevice's backing file.
-    assert_eq!(disk.read_at(0, 4096), common::pattern_bytes(0, 8));
-    assert_eq!(disk.read_at(64 * 512, 4096), common::pattern_bytes(64, 8));
-    assert_eq!(disk.read_at(100 * 512, 512), common::pattern_bytes(100, 1));
+    // Host-side verification through the BlockDevice.
+    assert_eq!(
+        common::read_via(&*disk, 0, 4096),
+        common::pattern_bytes(0, 8)
+    );
+    assert_eq!(
+        common::read_via(&*disk, 64 * 512, 4096),
+        common::pattern_bytes(64, 8)
+    );
+    assert_eq!(
+        common::read_via(&*disk, 100 * 512, 512),
+        common::pattern_bytes(100, 1)
+    );
     assert!(
-        disk.read_at(16 * 512, 4096).iter().all(|&b| b == 0),
+        common::read_via(&*disk, 16 * 512, 4096)
+            .iter()
+            .all(|&b| b == 0),
         "discarded range not zero"
     );
     assert!(
-        disk.read_at(32 * 512, 4096).iter().all(|&b| b == 0),
+        common::read_via(&*disk, 32 * 512, 4096)
+            .iter()
+            .all(|&b| b == 0),
         "zeroed range not zero"
     );
-    assert_eq!(disk.read_at(24 * 512, 4096), common::pattern_bytes(24, 8));
+    assert_eq!(
+        common::read_via(&*disk, 24 * 512, 4096),
+        common::pattern_bytes(24, 8)
+    );
     let stats = vm.stats();
     assert_eq!(
         stats.disks[0].invalid, 4,
@@ -68,7 +84,7 @@ fn hostile_guest_gets_errors_and_resets_not_a_crash() {
     }
     let guest = common::build_guest("hostile");
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = common::TestFileDisk::create(&dir.path().join("disk.raw"), 1 << 20, false);
+    let disk = common::file_disk(&dir.path().join("disk.raw"), 1 << 20, false);
     let mut cfg = VmConfig::new("hostile", 64 << 20, BootSource::FlatBinary(guest));
     cfg.disks.push(Disk::new(disk.clone(), false));
     let mut vm = Vm::new(cfg).expect("create VM");
@@ -86,7 +102,7 @@ fn hostile_guest_gets_errors_and_resets_not_a_crash() {
     // The VMM is still alive and the data of the healthy requests landed.
     for sector in 1..=4u64 {
         assert_eq!(
-            disk.read_at(sector * 512, 512),
+            common::read_via(&*disk, sector * 512, 512),
             common::pattern_bytes(sector, 1)
         );
     }

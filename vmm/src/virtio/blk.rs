@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use shale_block::{BlockDevice, BlockError, IoBuf, WriteFlags};
+use shale_block::{BlockDevice, BlockError, IoBuf};
 use tokio::io::unix::AsyncFd;
 use tokio::task::{AbortHandle, JoinSet};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -529,18 +529,31 @@ impl Job {
         }
     }
 
+    /// Map the typed virtio request onto the shared front-end semantics (`shale_block::semantics`), so flush,
+    /// discard and write-zeroes behave exactly as they do over NBD; only the guest-memory copies are ours.
     async fn execute(&self) -> Result<(), BlockError> {
+        use shale_block::semantics::{execute, Request as Cmd, Response};
         let guest = |_| BlockError::Other("guest memory access failed".into());
+        let dev = &*self.disk;
         match &self.req {
             Request::Read {
                 offset,
                 len,
                 segments,
             } => {
-                let buf = self
-                    .disk
-                    .read(*offset, IoBuf::zeroed(*len as usize))
-                    .await?;
+                let len32 =
+                    u32::try_from(*len).map_err(|_| BlockError::Other("read too large".into()))?;
+                let Response::Data(buf) = execute(
+                    dev,
+                    Cmd::Read {
+                        offset: *offset,
+                        len: len32,
+                    },
+                )
+                .await?
+                else {
+                    return Err(BlockError::Other("read returned no data".into()));
+                };
                 let mut at = 0usize;
                 for s in segments {
                     let n = s.len as usize;
@@ -558,21 +571,29 @@ impl Job {
                 len,
                 segments,
             } => {
-                let mut buf = IoBuf::zeroed(*len as usize);
+                let mut data = IoBuf::zeroed(*len as usize);
                 let mut at = 0usize;
                 for s in segments {
                     let n = s.len as usize;
-                    let dst = buf
+                    let dst = data
                         .get_mut(at..at + n)
                         .ok_or_else(|| BlockError::Other("bad segment".into()))?;
                     self.mem.read_slice(dst, s.addr).map_err(guest)?;
                     at += n;
                 }
-                self.disk.write(*offset, buf, WriteFlags::default()).await?;
+                execute(
+                    dev,
+                    Cmd::Write {
+                        offset: *offset,
+                        data,
+                        fua: false,
+                    },
+                )
+                .await?;
                 self.stats.bytes_written.fetch_add(*len, Ordering::Relaxed);
                 Ok(())
             }
-            Request::Flush => self.disk.flush().await,
+            Request::Flush => execute(dev, Cmd::Flush).await.map(|_| ()),
             Request::GetId { segment } => {
                 let n = (segment.len as usize).min(self.id.len());
                 self.mem
@@ -581,15 +602,27 @@ impl Job {
             }
             Request::Discard(ranges) => {
                 for r in ranges {
-                    self.disk.discard(r.offset, r.len).await?;
+                    execute(
+                        dev,
+                        Cmd::Discard {
+                            offset: r.offset,
+                            len: r.len,
+                            fua: false,
+                        },
+                    )
+                    .await?;
                 }
                 Ok(())
             }
             Request::WriteZeroes(ranges) => {
                 for r in ranges {
-                    self.disk
-                        .write_zeroes(r.offset, r.len, r.unmap, WriteFlags::default())
-                        .await?;
+                    let cmd = Cmd::WriteZeroes {
+                        offset: r.offset,
+                        len: r.len,
+                        may_trim: r.unmap,
+                        fua: false,
+                    };
+                    execute(dev, cmd).await?;
                 }
                 Ok(())
             }

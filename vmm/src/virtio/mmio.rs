@@ -169,7 +169,7 @@ impl MmioTransport {
             self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        let v: u32 = if data.len() != 4 || offset % 4 != 0 {
+        let v: u32 = if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::debug!(
                 offset,
                 len = data.len(),
@@ -216,7 +216,7 @@ impl MmioTransport {
             self.device.write_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::debug!(
                 offset,
                 len = data.len(),

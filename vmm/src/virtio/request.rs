@@ -346,7 +346,7 @@ fn parse_request(
 
     match type_ {
         types::IN => {
-            if out_len != 0 || in_len % SECTOR_SIZE != 0 {
+            if out_len != 0 || !in_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::BadLength(in_len));
             }
             if in_len > MAX_REQUEST_BYTES {
@@ -360,7 +360,7 @@ fn parse_request(
             })
         }
         types::OUT => {
-            if in_len != 0 || out_len % SECTOR_SIZE != 0 {
+            if in_len != 0 || !out_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(RequestError::BadLength(out_len));
             }
             if out_len > MAX_REQUEST_BYTES {
@@ -400,7 +400,7 @@ fn parse_request(
             if ctx.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            if out_len == 0 || out_len % 16 != 0 || in_len != 0 {
+            if out_len == 0 || !out_len.is_multiple_of(16) || in_len != 0 {
                 return Err(RequestError::BadLength(out_len));
             }
             let count = out_len / 16;

@@ -1,14 +1,13 @@
-//! Shared test helpers: building the freestanding test guest with gcc, and a file-backed `BlockDevice`.
+//! Shared test helpers: building the freestanding test guest with gcc, and file-backed volumes.
 #![allow(dead_code)]
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use shale_block::device::{check_range, check_write};
-use shale_block::{BlockDevice, DeviceInfo, Extent, ExtentKind, IoBuf, Result, WriteFlags};
+use shale_block::file::FileDevice;
+use shale_block::uring::{IoEngine, IoEngineConfig};
+use shale_block::{BlockDevice, IoBuf, WriteFlags};
 
 /// Where built guests go.
 pub fn out_dir() -> PathBuf {
@@ -77,99 +76,34 @@ pub fn kvm_available() -> bool {
     }
 }
 
-/// A raw file as a `BlockDevice`, with plain positioned syscalls (a stand-in for shale_block's FileDevice in
-/// these tests; its I/O is synchronous, which is fine at test sizes).
-pub struct TestFileDisk {
-    file: std::fs::File,
-    info: DeviceInfo,
+/// A `size`-byte raw file at `path` served as a volume by shale-block's `FileDevice` on its own io_uring engine.
+pub fn file_disk(path: &Path, size: u64, read_only: bool) -> Arc<FileDevice> {
+    let f = std::fs::File::create(path).expect("create disk file");
+    f.set_len(size).expect("size disk file");
+    drop(f);
+    let engine = IoEngine::new(IoEngineConfig::default()).expect("io engine");
+    Arc::new(FileDevice::open(path, read_only, engine).expect("open FileDevice"))
 }
 
-impl TestFileDisk {
-    /// A `size`-byte disk in a new file at `path`.
-    pub fn create(path: &Path, size: u64, read_only: bool) -> Arc<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .expect("create disk file");
-        file.set_len(size).expect("size disk file");
-        Arc::new(TestFileDisk {
-            file,
-            info: DeviceInfo {
-                size,
-                block_size: 512,
-                preferred_block_size: 4096,
-                read_only,
-                can_trim: true,
-                can_fast_zero: true,
-                can_multi_conn: true,
-            },
-        })
-    }
-
-    /// Read bytes directly from the file (host-side verification).
-    pub fn read_at(&self, offset: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.file
-            .read_exact_at(&mut v, offset)
-            .expect("read disk file");
-        v
-    }
-
-    /// Write bytes directly to the file (host-side setup).
-    pub fn write_at(&self, offset: u64, data: &[u8]) {
-        self.file
-            .write_all_at(data, offset)
-            .expect("write disk file");
-    }
+/// Read through the `BlockDevice` (host-side verification of what the guest wrote).
+pub fn read_via(dev: &dyn BlockDevice, offset: u64, len: usize) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(dev.read(offset, IoBuf::zeroed(len)))
+        .expect("read through BlockDevice")
+        .to_vec()
 }
 
-#[async_trait]
-impl BlockDevice for TestFileDisk {
-    fn info(&self) -> DeviceInfo {
-        self.info
-    }
-    async fn read(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
-        check_range(&self.info, offset, buf.len() as u64)?;
-        self.file.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
-    }
-    async fn write(&self, offset: u64, data: IoBuf, flags: WriteFlags) -> Result<()> {
-        check_write(&self.info, offset, data.len() as u64)?;
-        self.file.write_all_at(&data, offset)?;
-        if flags.fua {
-            self.file.sync_data()?;
-        }
-        Ok(())
-    }
-    async fn flush(&self) -> Result<()> {
-        self.file.sync_data()?;
-        Ok(())
-    }
-    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_write(&self.info, offset, len)?;
-        self.file.write_all_at(&vec![0u8; len as usize], offset)?;
-        Ok(())
-    }
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        _may_trim: bool,
-        _flags: WriteFlags,
-    ) -> Result<()> {
-        self.discard(offset, len).await
-    }
-    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(&self.info, offset, len)?;
-        Ok(vec![Extent {
-            offset,
-            length: len,
-            kind: ExtentKind::Data,
-        }])
-    }
+/// Write through the `BlockDevice` (host-side setup).
+pub fn write_via(dev: &dyn BlockDevice, offset: u64, data: &[u8]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(dev.write(offset, IoBuf::from_slice(data), WriteFlags::default()))
+        .expect("write through BlockDevice");
 }
 
 /// The guests' sector pattern (must match `pattern()` in guest/lib.c).
