@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# NBD benchmark: one run, one machine, one backing file.
+#
+# Measures 4k random read/write at QD32 and 1M sequential read/write at QD8 through fio's nbd engine for
+#   shale          Shale's NBD server (block-backend/examples/nbd-serve.rs) exporting the raw file (FileDevice)
+#   qemu-raw       qemu-nbd on the same raw file (cache=none, aio=io_uring)
+#   qemu-qcow2     qemu-nbd on a fully allocated qcow2 copy of it
+#   qemu-qcow2-snap qemu-nbd on a qcow2 overlay whose backing file is that qcow2 (i.e. writes after a snapshot;
+#                  the overlay is recreated before every job so each job starts right after the snapshot)
+#   extra targets  any NBD URI given with --uri NAME=URI (e.g. a native thin VDI exported by `shale serve`)
+# and, as the machine's limit, fio io_uring with O_DIRECT on the raw file itself (no NBD).
+# Every result is printed with its ratio to qemu-raw (and, for writes, to qemu-qcow2-snap).
+#
+# Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--dir DIR] [--jobs "randread randwrite seqread seqwrite"]
+#                                 [--uri NAME=URI]... [--only "shale qemu-raw ..."] [--shale-bin PATH] [--keep]
+#
+# Needs: cargo (unless --shale-bin), fio with the nbd engine, qemu-img, qemu-nbd, python3.
+set -euo pipefail
+
+SIZE=2G
+RUNTIME=10
+DIR="${TMPDIR:-/var/tmp}/shale-nbd-bench"
+JOBS="randread randwrite seqread seqwrite"
+EXTRA=()
+ONLY=""
+SHALE_BIN=""
+KEEP=0
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --size) SIZE="$2"; shift 2 ;;
+        --runtime) RUNTIME="$2"; shift 2 ;;
+        --dir) DIR="$2"; shift 2 ;;
+        --jobs) JOBS="$2"; shift 2 ;;
+        --uri) EXTRA+=("$2"); shift 2 ;;
+        --only) ONLY="$2"; shift 2 ;;
+        --shale-bin) SHALE_BIN="$2"; shift 2 ;;
+        --keep) KEEP=1; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+PY=python3
+for t in fio qemu-img qemu-nbd "$PY"; do
+    command -v "$t" >/dev/null || { echo "nbd-bench: $t is required" >&2; exit 1; }
+done
+
+wanted() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
+
+if [[ -z "$SHALE_BIN" ]]; then
+    echo "# building nbd-serve (release)" >&2
+    (cd "$REPO" && cargo build --release -q -p shale-block --example nbd-serve)
+    SHALE_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/examples/nbd-serve"
+fi
+
+mkdir -p "$DIR"
+RAW="$DIR/base.raw"
+QCOW="$DIR/base.qcow2"
+SNAP="$DIR/snap.qcow2"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [[ $KEEP -eq 0 ]]; then rm -f "$RAW" "$QCOW" "$SNAP" "$DIR"/*.sock; fi
+}
+trap cleanup EXIT
+
+# Fully written backing file, so reads measure real blocks rather than holes.
+want_bytes=$(numfmt --from=iec "$SIZE")
+if [[ ! -f "$RAW" || $(stat -c %s "$RAW") -ne $want_bytes ]]; then
+    echo "# writing $SIZE backing file $RAW" >&2
+    rm -f "$RAW"
+    fio --name=fill --filename="$RAW" --size="$SIZE" --rw=write --bs=1M --iodepth=16 --ioengine=io_uring \
+        --direct=1 --randrepeat=0 --refill_buffers --output=/dev/null
+fi
+if wanted qemu-qcow2 || wanted qemu-qcow2-snap; then
+    if [[ ! -f "$QCOW" ]]; then
+        echo "# converting to $QCOW" >&2
+        qemu-img convert -f raw -O qcow2 "$RAW" "$QCOW"
+    fi
+fi
+
+wait_sock() {
+    for _ in $(seq 100); do [[ -S "$1" ]] && return 0; sleep 0.05; done
+    echo "nbd-bench: $1 did not appear" >&2; return 1
+}
+
+# Start a server in the background; sets STARTED_PID.
+start_bg() {
+    local sock="$1"; shift
+    rm -f "$sock"
+    "$@" >"$DIR/$(basename "$sock").log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+    wait_sock "$sock"
+}
+
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+qemu_nbd() { # sock fmt image
+    start_bg "$1" qemu-nbd -t -f "$2" --cache=none --aio=io_uring --discard=unmap -e 8 -x vol -k "$1" "$3"
+}
+
+job_args() {
+    case "$1" in
+        randread) echo "--rw=randread --bs=4k --iodepth=32" ;;
+        randwrite) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+        seqread) echo "--rw=read --bs=1M --iodepth=8" ;;
+        seqwrite) echo "--rw=write --bs=1M --iodepth=8" ;;
+        *) echo "nbd-bench: unknown job $1" >&2; exit 2 ;;
+    esac
+}
+
+# Print "IOPS MiB/s" from fio's JSON on stdin.
+parse() {
+    "$PY" -c '
+import json, sys
+text = sys.stdin.read()
+j = json.loads(text[text.index("{"):])["jobs"][0]  # the nbd engine prints a line before the JSON
+iops = j["read"]["iops"] + j["write"]["iops"]
+bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1048576
+print("%.0f %.1f" % (iops, bw))'
+}
+
+run_fio() { # job, then engine args
+    local job="$1"; shift
+    # shellcheck disable=SC2046
+    fio --name="$job" $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time=1 --size="$SIZE" \
+        --randrepeat=0 --norandommap --output-format=json "$@" | parse
+}
+
+nbd_fio() { run_fio "$1" --ioengine=nbd --uri="$2"; }
+
+declare -A RES
+TARGETS=()
+add_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]] || TARGETS+=("$1"); }
+
+for job in $JOBS; do
+    echo "# $job" >&2
+    if wanted shale; then
+        add_target shale
+        start_bg "$DIR/shale.sock" "$SHALE_BIN" "$RAW" --unix "$DIR/shale.sock" --name vol
+        RES[shale,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/shale.sock")
+        stop_pid "$STARTED_PID"
+    fi
+    if wanted qemu-raw; then
+        add_target qemu-raw
+        qemu_nbd "$DIR/qraw.sock" raw "$RAW"
+        RES[qemu-raw,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qraw.sock")
+        stop_pid "$STARTED_PID"
+    fi
+    if wanted qemu-qcow2; then
+        add_target qemu-qcow2
+        qemu_nbd "$DIR/qcow.sock" qcow2 "$QCOW"
+        RES[qemu-qcow2,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qcow.sock")
+        stop_pid "$STARTED_PID"
+    fi
+    if wanted qemu-qcow2-snap; then
+        add_target qemu-qcow2-snap
+        rm -f "$SNAP"
+        qemu-img create -q -f qcow2 -b "$QCOW" -F qcow2 "$SNAP"
+        qemu_nbd "$DIR/snap.sock" qcow2 "$SNAP"
+        RES[qemu-qcow2-snap,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/snap.sock")
+        stop_pid "$STARTED_PID"
+    fi
+    for e in "${EXTRA[@]}"; do
+        name="${e%%=*}"; uri="${e#*=}"
+        add_target "$name"
+        RES[$name,$job]=$(nbd_fio "$job" "$uri")
+    done
+    if wanted fio-direct; then
+        add_target fio-direct
+        RES[fio-direct,$job]=$(run_fio "$job" --ioengine=io_uring --direct=1 --filename="$RAW")
+    fi
+done
+
+ratio() { # a b
+    "$PY" -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print('%.2fx' % (a / b) if b else '-')" "$1" "$2"
+}
+
+echo
+echo "NBD benchmark: $SIZE backing file, ${RUNTIME}s per job, $(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+printf '%-10s %-16s %10s %10s %10s %12s\n' job target IOPS MiB/s vs-qemu-raw vs-qcow2-snap
+for job in $JOBS; do
+    for t in "${TARGETS[@]}"; do
+        v="${RES[$t,$job]:-}"
+        [[ -n "$v" ]] || continue
+        read -r iops bw <<<"$v"
+        base="${RES[qemu-raw,$job]:-}"
+        snap="${RES[qemu-qcow2-snap,$job]:-}"
+        r1="-"; r2="-"
+        metric=1; [[ $job == seq* ]] && metric=2
+        if [[ -n "$base" ]]; then r1=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$base")"); fi
+        if [[ -n "$snap" && $job == *write ]]; then r2=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$snap")"); fi
+        printf '%-10s %-16s %10s %10s %10s %12s\n' "$job" "$t" "$iops" "$bw" "$r1" "$r2"
+    done
+done
