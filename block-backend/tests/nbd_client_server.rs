@@ -268,6 +268,9 @@ async fn connection_stats_and_disconnect_export() {
     assert_eq!(unix.flushes, 1);
 
     assert_eq!(s.server.disconnect_export("vol"), 2);
+    tokio::time::timeout(Duration::from_secs(5), s.server.wait_export_idle("vol"))
+        .await
+        .unwrap();
     wait_for(|| s.server.connections().is_empty()).await;
     assert!(c1.read(0, IoBuf::zeroed(512)).await.is_err());
 }
@@ -846,4 +849,34 @@ async fn overlapping_pipelined_requests_keep_arrival_order() {
             "block {i}: wrong data"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_and_stops_listening() {
+    let s = serve().await;
+    s.export_file("vol", MIB, false);
+    let c = client(&s.unix_uri("vol")).await;
+    c.write(0, IoBuf::from_slice(&[1u8; 4096]), WriteFlags::default())
+        .await
+        .unwrap();
+    // A client stuck in negotiation is closed too.
+    let addr = match s.tcp.local_addr() {
+        shale_block::nbd::ListenAddr::Tcp(a) => *a,
+        other => panic!("{other:?}"),
+    };
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let mut g = [0u8; GREETING_LEN];
+    idle.read_exact(&mut g).await.unwrap();
+    s.server.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), s.server.wait_idle())
+        .await
+        .unwrap();
+    expect_closed(&mut idle).await;
+    assert!(c.read(0, IoBuf::zeroed(512)).await.is_err());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(NbdClient::connect_uri(&s.tcp_uri("vol")).await.is_err());
+    assert!(
+        !s.dir.path().join("nbd.sock").exists(),
+        "unix socket file left behind"
+    );
 }

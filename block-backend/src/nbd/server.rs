@@ -400,6 +400,8 @@ struct Inner {
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
     next_conn: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Signalled whenever a connection ends, for [`NbdServer::wait_idle`].
+    conn_closed: Notify,
 }
 
 /// An NBD server: an export source, listeners, and live connections. Cheap to clone (shared state).
@@ -447,6 +449,7 @@ impl NbdServer {
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(1),
                 shutdown,
+                conn_closed: Notify::new(),
             }),
         }
     }
@@ -503,11 +506,41 @@ impl NbdServer {
         n
     }
 
-    /// Stop listeners and close every connection once its in-flight requests are answered.
+    /// Stop listeners and close every connection once its in-flight requests are answered. Returns at once;
+    /// await [`NbdServer::wait_idle`] to know when every connection is gone (e.g. before closing volumes).
     pub fn shutdown(&self) {
         let _ = self.inner.shutdown.send(true);
         for c in self.inner.conns.lock().values() {
             c.kick.notify_one();
+        }
+    }
+
+    /// Wait until no connection is open (after [`NbdServer::shutdown`] or [`NbdServer::disconnect_export`]).
+    pub async fn wait_idle(&self) {
+        loop {
+            let closed = self.inner.conn_closed.notified();
+            if self.inner.conns.lock().is_empty() {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    /// Wait until no connection uses `export`, e.g. after [`NbdServer::disconnect_export`] and before deleting
+    /// the volume.
+    pub async fn wait_export_idle(&self, export: &str) {
+        loop {
+            let closed = self.inner.conn_closed.notified();
+            let busy = self
+                .inner
+                .conns
+                .lock()
+                .values()
+                .any(|c| c.export.lock().as_deref() == Some(export));
+            if !busy {
+                return;
+            }
+            closed.await;
         }
     }
 
@@ -554,6 +587,7 @@ impl NbdServer {
             Err(e) => return Err(e),
         }
         let l = UnixListener::bind(&path)?;
+        let sock_path = path.clone();
         let server = self.clone();
         let mut stop = self.inner.shutdown.subscribe();
         info!(path = %path.display(), "NBD server listening on Unix socket");
@@ -574,6 +608,7 @@ impl NbdServer {
                     }
                 }
             }
+            let _ = std::fs::remove_file(&sock_path);
         });
         Ok(Listener {
             addr: ListenAddr::Unix(path),
@@ -630,6 +665,7 @@ impl NbdServer {
             Err(e) => debug!(conn = id, error = %e, "NBD handshake ended"),
         }
         self.inner.conns.lock().remove(&id);
+        self.inner.conn_closed.notify_waiters();
         debug!(conn = id, "NBD connection closed");
     }
 }
