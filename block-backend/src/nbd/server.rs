@@ -1350,8 +1350,13 @@ where
                         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
                     }
                 }
+                // Error replies take budget too, so a client that floods bad requests without reading the
+                // answers cannot grow the reply queue without bound.
+                let Ok(permit) = budget.clone().acquire_many_owned(1).await else {
+                    return Ok(());
+                };
                 let reply = ctx.error_reply(handle, errno as u32, reason.to_string());
-                ctx.send(reply, None);
+                ctx.send(reply, Some(permit));
                 continue;
             }
             Err(ProtocolError::PayloadTooLarge { handle, len, max }) => {
