@@ -20,12 +20,42 @@ const CPUID_1_ECX_OSXSAVE: u32 = 1 << 27;
 /// CPUID leaf 1 ECX bit: AVX (needs XSAVE).
 const CPUID_1_ECX_AVX: u32 = 1 << 28;
 
+/// CPUID leaf 1 ECX bit: CMPXCHG16B.
+const CPUID_1_ECX_CX16: u32 = 1 << 13;
+
 /// Which host CPU features the guest sees.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuidPolicy {
     /// Hide XSAVE (and the AVX family that depends on it). Useful on hosts whose KVM cannot emulate XSAVE for
     /// non-paravirtual guests (kvm_pvm); a kernel then falls back to FXSAVE.
     pub hide_xsave: bool,
+    /// Hide CMPXCHG16B, which KVM's instruction emulator cannot run (an emulating KVM such as kvm_pvm stops
+    /// with an internal error when Linux's SLUB allocator uses it); Linux then takes its locked slow paths.
+    pub hide_cmpxchg16b: bool,
+}
+
+impl CpuidPolicy {
+    /// Hide what KVM's instruction emulator cannot execute. Needed where guest code outside a paravirtual
+    /// mode is emulated (kvm_pvm, no VMX/SVM); harmless but slower elsewhere.
+    pub fn emulation_safe() -> Self {
+        CpuidPolicy {
+            hide_xsave: true,
+            hide_cmpxchg16b: true,
+        }
+    }
+
+    /// [`CpuidPolicy::emulation_safe`] on hosts without hardware virtualization (no `vmx`/`svm` flag in
+    /// /proc/cpuinfo), the full feature set otherwise.
+    pub fn for_host() -> Self {
+        let hw = std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+            .unwrap_or(true);
+        if hw {
+            CpuidPolicy::default()
+        } else {
+            CpuidPolicy::emulation_safe()
+        }
+    }
 }
 
 /// Build the CPUID table for vCPU `id` of `count`: the host's KVM_GET_SUPPORTED_CPUID with the APIC id and
@@ -41,6 +71,9 @@ pub fn cpuid(kvm: &Kvm, id: u8, count: u8, policy: CpuidPolicy) -> Result<CpuId>
                 e.ecx |= CPUID_1_ECX_HYPERVISOR;
                 if policy.hide_xsave {
                     e.ecx &= !(CPUID_1_ECX_XSAVE | CPUID_1_ECX_OSXSAVE | CPUID_1_ECX_AVX);
+                }
+                if policy.hide_cmpxchg16b {
+                    e.ecx &= !CPUID_1_ECX_CX16;
                 }
             }
             7 if policy.hide_xsave && e.index == 0 => {

@@ -1,6 +1,8 @@
 //! Shared test helpers: building the freestanding test guest with gcc, and file-backed volumes.
 #![allow(dead_code)]
 
+pub mod kernel;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
