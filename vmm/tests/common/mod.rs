@@ -23,10 +23,19 @@ pub fn out_dir() -> PathBuf {
 
 /// Compile `vmm/guest/<name>.c` (+ start.S, lib.c) into a flat binary and return its path.
 pub fn build_guest(name: &str) -> PathBuf {
+    build_guest_with(name, &[])
+}
+
+/// Like [`build_guest`], with `-D` definitions (e.g. `["DEPTH=32"]`).
+pub fn build_guest_with(name: &str, defines: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
     let out = out_dir();
-    let elf = out.join(format!("{name}.elf"));
-    let bin = out.join(format!("{name}.bin"));
+    let tag: String = defines
+        .iter()
+        .map(|d| format!("-{}", d.replace('=', "_")))
+        .collect();
+    let elf = out.join(format!("{name}{tag}.elf"));
+    let bin = out.join(format!("{name}{tag}.bin"));
     let status = Command::new("gcc")
         .args([
             "-ffreestanding",
@@ -43,6 +52,7 @@ pub fn build_guest(name: &str) -> PathBuf {
             "-Werror",
             "-Wl,--build-id=none",
         ])
+        .args(defines.iter().map(|d| format!("-D{d}")))
         .arg("-T")
         .arg(src.join("guest.ld"))
         .arg("-o")
