@@ -482,11 +482,17 @@ impl Worker {
                 .add_used(&self.mem, d.head, used)
                 .map_err(|e| RingBroken(e.to_string()))?;
         }
-        if cell
+        let wanted = cell
             .queue
             .needs_notification(&self.mem)
-            .map_err(|e| RingBroken(e.to_string()))?
-        {
+            .map_err(|e| RingBroken(e.to_string()))?;
+        // virtio-queue leaves VRING_AVAIL_F_NO_INTERRUPT to us: without EVENT_IDX a polling driver sets it.
+        let suppressed = !cell.queue.event_idx_enabled()
+            && self
+                .mem
+                .read_obj::<u16>(GuestAddress(cell.queue.avail_ring()))
+                .is_ok_and(|flags| u16::from_le(flags) & 1 != 0);
+        if wanted && !suppressed {
             self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
             self.interrupt.trigger(INT_VRING);
         }
