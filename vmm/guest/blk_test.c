@@ -19,6 +19,13 @@ int guest_main(void) {
     puts_serial("\n");
     if (cap < 256) return fail(3, "capacity");
 
+    /* Completions raise the interrupt line (irqfd) and set InterruptStatus; ACK clears it. */
+    reg_write(&q, R_INT_ACK, reg_read(&q, R_INT_STATUS));
+    if (do_req(&q, T_FLUSH, 0, 0, 0, 0) != 0) return fail(27, "flush before interrupt check");
+    if (!(reg_read(&q, R_INT_STATUS) & 1)) return fail(28, "no used-buffer interrupt status");
+    reg_write(&q, R_INT_ACK, 1);
+    if (reg_read(&q, R_INT_STATUS) & 1) return fail(29, "interrupt ACK did not clear");
+
     /* GET_ID */
     memset((void *)buf, 0, 32);
     if (do_req(&q, T_GET_ID, 0, buf, 20, 1) != 0) return fail(4, "get_id status");

@@ -112,3 +112,42 @@ fn hostile_guest_gets_errors_and_resets_not_a_crash() {
         "ring errors led to device resets"
     );
 }
+
+#[test]
+fn two_disks_one_read_only_and_stop() {
+    if !common::kvm_available() {
+        return;
+    }
+    let guest = common::build_guest("multi");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vda = common::file_disk(&dir.path().join("vda.raw"), 1 << 20, false);
+    let vdb_path = dir.path().join("vdb.raw");
+    {
+        let setup = common::file_disk(&vdb_path, 1 << 20, false);
+        common::write_via(&*setup, 0, &common::pattern_bytes(0, 1));
+    }
+    let vdb = {
+        let engine = shale_block::uring::IoEngine::new(Default::default()).expect("engine");
+        std::sync::Arc::new(
+            shale_block::file::FileDevice::open(&vdb_path, true, engine).expect("open ro"),
+        )
+    };
+    let mut cfg = VmConfig::new("multi", 64 << 20, BootSource::FlatBinary(guest));
+    cfg.disks.push(Disk::new(vda.clone(), false));
+    cfg.disks.push(Disk::new(vdb, true));
+    let mut vm = Vm::new(cfg).expect("create VM");
+    vm.start().expect("start VM");
+    let console = vm.console();
+    let ok = console.wait_for("multi PASS", Duration::from_secs(60));
+    assert_eq!(vm.state(), shale_vmm::VmState::Running);
+    vm.stop();
+    let exit = vm.wait_timeout(Duration::from_secs(10));
+    println!("console:\n{}", console.text());
+    assert!(ok, "guest failed: {}", console.text());
+    assert_eq!(exit, Some(VmExit::Stopped));
+    assert_eq!(
+        common::read_via(&*vda, 5 * 512, 512),
+        common::pattern_bytes(5, 1)
+    );
+    assert_eq!(vm.stats().disks[1].bytes_written, 0);
+}
