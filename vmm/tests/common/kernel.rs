@@ -153,3 +153,66 @@ fn lz4_block(src: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// An initramfs (newc cpio) holding `/dev/console` and `init` (the freestanding `guest/init.c`).
+pub fn build_initramfs() -> Result<PathBuf, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/init.c");
+    let out = super::out_dir();
+    let init = out.join("init");
+    let st = Command::new("gcc")
+        .args([
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-fno-pic",
+            "-O2",
+            "-o",
+        ])
+        .arg(&init)
+        .arg(&src)
+        .status()
+        .map_err(|e| format!("gcc: {e}"))?;
+    if !st.success() {
+        return Err("gcc failed building init".into());
+    }
+    let init_bytes = std::fs::read(&init).map_err(|e| e.to_string())?;
+    let mut cpio = Vec::new();
+    let mut ino = 1;
+    let mut entry = |name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() + 1,
+            0
+        );
+        ino += 1;
+        cpio.extend_from_slice(header.as_bytes());
+        cpio.extend_from_slice(name.as_bytes());
+        cpio.push(0);
+        while cpio.len() % 4 != 0 {
+            cpio.push(0);
+        }
+        cpio.extend_from_slice(data);
+        while cpio.len() % 4 != 0 {
+            cpio.push(0);
+        }
+    };
+    entry("dev", 0o040755, (0, 0), &[]);
+    entry("dev/console", 0o020600, (5, 1), &[]);
+    entry("init", 0o100755, (0, 0), &init_bytes);
+    entry("TRAILER!!!", 0, (0, 0), &[]);
+    let path = out.join("initramfs.cpio");
+    std::fs::write(&path, cpio).map_err(|e| e.to_string())?;
+    Ok(path)
+}
