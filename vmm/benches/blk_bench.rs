@@ -35,7 +35,7 @@ fn run(name: &str, defines: &[&str], total: u64) -> Option<Row> {
     let disk = common::file_disk(&dir.path().join("bench.raw"), 16 << 20, false);
     let mut cfg = VmConfig::new("bench", 64 << 20, BootSource::FlatBinary(guest));
     cfg.disks.push(Disk::new(disk, false));
-    let mut vm = Vm::new(cfg).expect("create VM");
+    let vm = Vm::new(cfg).expect("create VM");
     let start = Instant::now();
     vm.start().expect("start");
     let exit = vm.wait_timeout(Duration::from_secs(300));

@@ -73,7 +73,7 @@ fn main() {
             serial: format!("disk{i}"),
         });
     }
-    let mut vm = Vm::new(cfg).unwrap_or_else(|e| fail(&e.to_string()));
+    let vm = Vm::new(cfg).unwrap_or_else(|e| fail(&e.to_string()));
     vm.start().unwrap_or_else(|e| fail(&e.to_string()));
     let exit = match timeout {
         Some(secs) => vm

@@ -234,8 +234,8 @@ fn install_kick_handler() -> Result<()> {
 /// A virtual machine.
 pub struct Vm {
     shared: Arc<Shared>,
-    vcpus: Vec<VcpuFd>,
-    supervisor: Option<JoinHandle<()>>,
+    vcpus: Mutex<Vec<VcpuFd>>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
     console: Arc<Console>,
     disk_stats: Vec<Arc<BlkStats>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -393,8 +393,8 @@ impl Vm {
         });
         Ok(Vm {
             shared,
-            vcpus: vcpu_fds,
-            supervisor: None,
+            vcpus: Mutex::new(vcpu_fds),
+            supervisor: Mutex::new(None),
             console,
             disk_stats,
             runtime: own_runtime,
@@ -406,32 +406,47 @@ impl Vm {
 
     /// Build, start, and wait for the VM to stop (`shale vm run` in the foreground).
     pub fn run(config: VmConfig) -> Result<VmExit> {
-        let mut vm = Vm::new(config)?;
+        let vm = Vm::new(config)?;
         vm.start()?;
         Ok(vm.wait())
     }
 
-    /// Start the vCPU threads.
-    pub fn start(&mut self) -> Result<()> {
-        if self.vcpus.is_empty() {
-            return Err(VmmError::State("VM was already started"));
+    /// Start the vCPU threads. Takes `&self` so a daemon can keep VMs in an `Arc` and start, stop and watch
+    /// them from different tasks.
+    pub fn start(&self) -> Result<()> {
+        let mut vcpus = self.vcpus.lock();
+        if vcpus.is_empty() || *self.shared.state.lock() != VmState::Created {
+            return Err(VmmError::State("VM was already started or stopped"));
         }
         let mut threads = Vec::new();
-        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+        let mut spawn_error = None;
+        for (id, vcpu) in vcpus.drain(..).enumerate() {
             let shared = self.shared.clone();
-            let t = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name(format!("vm-{}-vcpu{id}", self.shared.name))
-                .spawn(move || vcpu_loop(vcpu, id, shared))?;
-            threads.push(t);
+                .spawn(move || vcpu_loop(vcpu, id, shared))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Stop what started; the supervisor below still joins it and publishes the failure.
+                    self.shared
+                        .finish(VmExit::Failed(format!("starting vCPU {id}: {e}")));
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
         }
         *self.shared.state.lock() = VmState::Running;
         let shared = self.shared.clone();
-        self.supervisor = Some(
+        *self.supervisor.lock() = Some(
             std::thread::Builder::new()
                 .name(format!("vm-{}-sup", self.shared.name))
                 .spawn(move || supervise(threads, shared))?,
         );
-        Ok(())
+        match spawn_error {
+            Some(e) => Err(VmmError::Io(e)),
+            None => Ok(()),
+        }
     }
 
     /// Ask the VM to stop (non-blocking); [`Vm::wait`] returns once every vCPU has left the guest. The exit
@@ -522,10 +537,8 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if self.supervisor.is_some() {
+        if let Some(s) = self.supervisor.lock().take() {
             self.shared.finish(VmExit::Stopped);
-        }
-        if let Some(s) = self.supervisor.take() {
             let _ = s.join();
         }
         // Reset every device so disk workers stop before the runtime goes away.
@@ -633,5 +646,19 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: usize, shared: Arc<Shared>) {
     };
     if let Some(why) = why {
         shared.finish(why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon keeps VMs in shared maps and moves them across tasks.
+    #[test]
+    fn vm_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Vm>();
+        fn check_send<T: Send>() {}
+        check_send::<VmConfig>();
     }
 }

@@ -24,7 +24,7 @@ fn guest_writes_flushes_reads_discards() {
         read_only: false,
         serial: "shale-test".into(),
     });
-    let mut vm = Vm::new(cfg).expect("create VM");
+    let vm = Vm::new(cfg).expect("create VM");
     vm.start().expect("start VM");
     let exit = vm.wait_timeout(Duration::from_secs(120));
     let console = vm.console().text();
@@ -87,7 +87,7 @@ fn hostile_guest_gets_errors_and_resets_not_a_crash() {
     let disk = common::file_disk(&dir.path().join("disk.raw"), 1 << 20, false);
     let mut cfg = VmConfig::new("hostile", 64 << 20, BootSource::FlatBinary(guest));
     cfg.disks.push(Disk::new(disk.clone(), false));
-    let mut vm = Vm::new(cfg).expect("create VM");
+    let vm = Vm::new(cfg).expect("create VM");
     vm.start().expect("start VM");
     let exit = vm.wait_timeout(Duration::from_secs(120));
     let console = vm.console().text();
@@ -135,7 +135,7 @@ fn two_disks_one_read_only_and_stop() {
     let mut cfg = VmConfig::new("multi", 64 << 20, BootSource::FlatBinary(guest));
     cfg.disks.push(Disk::new(vda.clone(), false));
     cfg.disks.push(Disk::new(vdb, true));
-    let mut vm = Vm::new(cfg).expect("create VM");
+    let vm = Vm::new(cfg).expect("create VM");
     vm.start().expect("start VM");
     let console = vm.console();
     let ok = console.wait_for("multi PASS", Duration::from_secs(60));

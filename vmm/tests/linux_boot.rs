@@ -40,7 +40,7 @@ fn boot_until(
         },
     );
     cfg.cpuid = CpuidPolicy::for_host();
-    let mut vm = Vm::new(cfg).expect("create VM");
+    let vm = Vm::new(cfg).expect("create VM");
     vm.start().expect("start");
     let console = vm.console();
     let seen = needles.iter().all(|n| console.wait_for(n, timeout));
@@ -136,7 +136,7 @@ fn full_boot_to_userspace_on_hardware_virtualization() {
         },
     );
     cfg.cpuid = CpuidPolicy::for_host();
-    let mut vm = Vm::new(cfg).expect("create VM");
+    let vm = Vm::new(cfg).expect("create VM");
     vm.start().expect("start");
     let exit = vm.wait_timeout(Duration::from_secs(120));
     if exit.is_none() {
