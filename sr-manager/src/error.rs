@@ -22,7 +22,7 @@ pub enum SrError {
     #[error("an SR named '{0}' already exists")]
     SrNameTaken(String),
     /// The path already belongs to a registered SR.
-    #[error("path {} is already used by SR '{1}'", .0.display())]
+    #[error("path {path} is already used by SR '{1}'", path = .0.display())]
     SrPathInUse(PathBuf, String),
     /// The SR still holds VDIs or snapshots and `force` was not given.
     #[error("SR '{0}' still holds {1} VDI(s)/snapshot(s); destroy them first or pass --force")]
@@ -37,7 +37,7 @@ pub enum SrError {
     #[error("{0}")]
     SrRequired(String),
     /// The SR path cannot be created or written.
-    #[error("path {} is not writable: {1}", .0.display())]
+    #[error("path {path} is not writable: {1}", path = .0.display())]
     PathNotWritable(PathBuf, String),
     /// No VDI or snapshot matches the reference.
     #[error("no VDI or snapshot '{0}'{1}")]
@@ -71,7 +71,7 @@ pub enum SrError {
     #[error("{0}")]
     Locked(String),
     /// The host's SR registry could not be read or written.
-    #[error("SR registry {}: {1}", .0.display())]
+    #[error("SR registry {path}: {1}", path = .0.display())]
     Registry(PathBuf, String),
     /// An error from the native engine that has no more specific mapping.
     #[error(transparent)]

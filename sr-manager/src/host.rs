@@ -24,7 +24,7 @@ use tokio::sync::RwLock;
 use uuid::Uuid;
 
 use crate::driver::{
-    AttachedSr, Capabilities, CheckReport, SrCreateOptions, SrDriver, SrStats, VdiInfo, VdiKind,
+    AttachedSr, Capabilities, CheckReport, SrCreateOptions, SrDriver, SrStats, VdiInfo,
 };
 use crate::error::{Result, SrError};
 use crate::registry::{Registry, SrRecord};
