@@ -1,0 +1,221 @@
+//! Space reclamation and durability helpers.
+//!
+//! Destroying a VDI or snapshot only removes its view (one batch, which also records `g vol`: "this volume needs
+//! collection"). The GC then walks the volume's map and deletes every entry no live view can see:
+//! for a cluster with entries e₁ > e₂ > … (newest first) and live views V (snapshot epochs, plus the head's epoch
+//! if the head exists), entry eᵢ is live iff the smallest view ≥ eᵢ is below eᵢ₋₁ (otherwise a newer entry hides
+//! it from every view that could see it). A volume with no views left is deleted whole, and may release a hidden
+//! parent snapshot, which cascades.
+//!
+//! Crash safety: every GC batch deletes entries and records their clusters free atomically; the `g` marker goes
+//! only when the volume is done, so a crash simply makes the next open resume. GC is idempotent: it recomputes
+//! garbage from the committed state each time. Freed clusters are punched out of the data file after their batch
+//! commits and only then become allocatable ([`release_clusters`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use rocksdb::WriteBatch;
+use shale_block::BlockError;
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, Inner};
+use crate::error::{EngineError, Result};
+use crate::keys::{self, ZERO_CLUSTER};
+use crate::records::ObjectKind;
+
+/// Entries deleted per GC batch.
+const GC_BATCH: usize = 4096;
+
+/// Make every acknowledged write durable: data file first, then the metadata WAL, so a committed map entry never
+/// points at data that is not on disk.
+pub(crate) async fn flush(inner: &Arc<Inner>) -> std::result::Result<(), BlockError> {
+    inner
+        .io
+        .fdatasync(&inner.data)
+        .await
+        .map_err(BlockError::from_io)?;
+    let i = inner.clone();
+    tokio::task::spawn_blocking(move || i.db.flush_wal(true))
+        .await
+        .map_err(|e| BlockError::Other(format!("flush task: {e}")))?
+        .map_err(|e| BlockError::Other(format!("metadata WAL sync: {e}")))?;
+    Ok(())
+}
+
+/// Punch freed clusters out of the data file, then make them allocatable. Called after the batch that freed them
+/// has committed.
+pub(crate) async fn release_clusters(inner: &Inner, clusters: Vec<u64>) {
+    if clusters.is_empty() {
+        return;
+    }
+    inner.alloc.lock().add_pending(clusters.len() as u64);
+    for &p in &clusters {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if let Err(e) = inner
+            .io
+            .fallocate(&inner.data, mode, p * inner.cs, inner.cs)
+            .await
+        {
+            debug!(cluster = p, error = %e, "punch hole failed; space stays allocated in the file");
+        }
+    }
+    inner.alloc.lock().release(&clusters);
+}
+
+impl Engine {
+    pub(crate) fn start_gc_task(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            debug!("no async runtime: GC runs only on demand");
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let wake = self.inner.gc_wake.clone();
+        rt.spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                let engine = Engine { inner };
+                if let Err(e) = engine.gc_now().await {
+                    warn!(error = %e, "GC pass failed; will retry");
+                }
+                let pending = !engine.inner.state.read().gc_pending.is_empty();
+                drop(engine);
+                if pending {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+                // Wait for work without keeping the engine alive; re-check every second in any case.
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), wake.notified()).await;
+            }
+        });
+    }
+
+    /// Run garbage collection now, returning the bytes reclaimed.
+    pub async fn gc_now(&self) -> Result<u64> {
+        let inner = &self.inner;
+        let _g = inner.gc_lock.lock().await;
+        let mut total = 0;
+        loop {
+            let Some(vol) = inner.state.read().gc_pending.iter().next().copied() else {
+                break;
+            };
+            total += self.collect_volume(vol).await?;
+        }
+        if total > 0 {
+            info!(bytes = total, "GC reclaimed space");
+        }
+        Ok(total)
+    }
+
+    async fn collect_volume(&self, vol: u64) -> Result<u64> {
+        let inner = &self.inner;
+        let Some(vs) = inner.state.read().volumes.get(&vol).cloned() else {
+            inner.db.delete(keys::gc(vol))?;
+            inner.state.write().gc_pending.remove(&vol);
+            return Ok(0);
+        };
+        let views = vs.gc_views();
+        let dead = views.is_empty();
+        let mut reclaimed = 0u64;
+        let end = keys::map(vol + 1, 0, u64::MAX);
+        let mut start = keys::map(vol, 0, u64::MAX).to_vec();
+        loop {
+            let mut b = WriteBatch::default();
+            let mut freed = Vec::new();
+            let mut n = 0usize;
+            let mut next_start = None;
+            {
+                let mut ro = rocksdb::ReadOptions::default();
+                ro.set_iterate_upper_bound(end.to_vec());
+                let mut it = inner.db.raw_iterator_opt(ro);
+                it.seek(&start);
+                let mut cur: Option<u64> = None;
+                let mut newer = u64::MAX;
+                while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    let (_, c, e) = keys::parse_map(k)
+                        .ok_or_else(|| EngineError::Corrupt("malformed map key".into()))?;
+                    if cur != Some(c) {
+                        if n >= GC_BATCH {
+                            next_start = Some(keys::map(vol, c, u64::MAX).to_vec());
+                            break;
+                        }
+                        cur = Some(c);
+                        newer = u64::MAX;
+                    }
+                    let live = !dead && {
+                        let i = views.partition_point(|&x| x < e);
+                        views.get(i).is_some_and(|&v| v < newer)
+                    };
+                    if !live {
+                        let p = keys::parse_map_value(k, v).ok_or_else(|| {
+                            EngineError::Corrupt(format!(
+                                "map entry vol {vol} cluster {c} fails its checksum"
+                            ))
+                        })?;
+                        b.delete(k);
+                        if p != ZERO_CLUSTER {
+                            b.put(keys::free(p), []);
+                            freed.push(p);
+                        }
+                        n += 1;
+                    }
+                    newer = e;
+                    it.next();
+                }
+                it.status()?;
+            }
+            let bytes = freed.len() as u64 * inner.cs;
+            if n > 0 {
+                b.merge(keys::RECLAIMED, bytes.to_be_bytes());
+                inner.write(b, false)?;
+                inner.reclaimed.fetch_add(bytes, Ordering::Relaxed);
+                reclaimed += bytes;
+                release_clusters(inner, freed).await;
+            }
+            match next_start {
+                Some(s) => start = s,
+                None => break,
+            }
+        }
+        let mut b = WriteBatch::default();
+        b.delete(keys::gc(vol));
+        let mut cascade = None;
+        if dead {
+            b.delete(keys::volume(vol));
+            // A hidden snapshot this volume was the last clone of goes too.
+            if let Some(p) = vs.parent {
+                let st = inner.state.read();
+                let others = st.dependents(p.vol, p.epoch).into_iter().any(|d| d != vol);
+                if let Some(snap) = st
+                    .snapshot_at(p.vol, p.epoch)
+                    .filter(|s| s.hidden && s.kind == ObjectKind::Snapshot)
+                {
+                    if !others {
+                        self.drop_snapshot_into(snap, p.epoch, &mut b);
+                        cascade = Some((snap.uuid, p.vol, p.epoch));
+                    }
+                }
+            }
+        }
+        inner.write(b, true)?;
+        let mut st = inner.state.write();
+        st.gc_pending.remove(&vol);
+        if dead {
+            st.volumes.remove(&vol);
+            debug!(vol, "volume deleted");
+        }
+        if let Some((uuid, pvol, epoch)) = cascade {
+            st.objects.remove(&uuid);
+            if let Some(pv) = st.volumes.get(&pvol) {
+                pv.views.lock().remove(&epoch);
+            }
+            st.gc_pending.insert(pvol);
+            debug!(%uuid, "hidden snapshot released by its last clone");
+        }
+        Ok(reclaimed)
+    }
+}

@@ -1,0 +1,104 @@
+//! In-memory state shared by the control plane and the data path.
+//!
+//! Everything here is a cache of what RocksDB holds, rebuilt at open, and changed only after the `WriteBatch`
+//! that records the change has been written. The data path reads it without touching the control-plane lock:
+//! a volume's current epoch is an atomic, its live snapshot epochs a small set, its parent a direct `Arc`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use crate::records::{ObjectRecord, ParentRef};
+
+/// Runtime state of one volume.
+#[derive(Debug)]
+pub struct VolState {
+    /// Volume id.
+    pub id: u64,
+    /// Parent view (clones and reverted VDIs).
+    pub parent: Option<ParentRef>,
+    /// The parent volume's state, for falling through without a lookup.
+    pub parent_state: Option<Arc<VolState>>,
+    /// Epoch that head writes go to; bumped by each snapshot.
+    pub epoch: AtomicU64,
+    /// The VDI whose head this volume is.
+    pub head: Mutex<Option<Uuid>>,
+    /// Head size in bytes (the VDI's size), atomic so online resize reaches open handles.
+    pub head_size: AtomicU64,
+    /// Epochs of live snapshot views (including hidden snapshots that clones still read through).
+    pub views: Mutex<BTreeSet<u64>>,
+    /// Write barrier: data-path mutations hold it shared, snapshot/destroy take it exclusively to drain them.
+    pub barrier: tokio::sync::RwLock<()>,
+    /// Set when the head is gone (destroyed or reverted away); head handles then fail with `Shutdown`.
+    pub head_closed: AtomicBool,
+}
+
+impl VolState {
+    /// The current head epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// True if a map entry written at epoch `e` is seen by no snapshot, given that it is the newest entry for its
+    /// cluster at or below `head_epoch`: then the head owns it and may overwrite it in place.
+    pub fn head_owns(&self, e: u64, head_epoch: u64) -> bool {
+        e == head_epoch || self.views.lock().range(e..head_epoch).next().is_none()
+    }
+
+    /// Sorted views for GC: live snapshot epochs plus the head epoch if the head exists.
+    pub fn gc_views(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.views.lock().iter().copied().collect();
+        if self.head.lock().is_some() {
+            v.push(self.epoch());
+        }
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// The control plane's view of the SR.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Objects by uuid.
+    pub objects: HashMap<Uuid, ObjectRecord>,
+    /// Name index.
+    pub names: HashMap<String, Uuid>,
+    /// Volumes by id.
+    pub volumes: HashMap<u64, Arc<VolState>>,
+    /// Next volume id.
+    pub next_vol: u64,
+    /// Open handles per object.
+    pub open: HashMap<Uuid, usize>,
+    /// Volumes awaiting GC.
+    pub gc_pending: BTreeSet<u64>,
+}
+
+impl State {
+    /// Volumes whose parent is the view (vol, epoch).
+    pub fn dependents(&self, vol: u64, epoch: u64) -> Vec<u64> {
+        let mut d: Vec<u64> = self
+            .volumes
+            .values()
+            .filter(|v| v.parent.is_some_and(|p| p.vol == vol && p.epoch == epoch))
+            .map(|v| v.id)
+            .collect();
+        d.sort_unstable();
+        d
+    }
+
+    /// The snapshot object that is the view (vol, epoch), if any.
+    pub fn snapshot_at(&self, vol: u64, epoch: u64) -> Option<&ObjectRecord> {
+        self.objects
+            .values()
+            .find(|o| o.vol == vol && o.epoch == Some(epoch))
+    }
+
+    /// Whether any handle on the object is open.
+    pub fn is_open(&self, id: &Uuid) -> bool {
+        self.open.get(id).copied().unwrap_or(0) > 0
+    }
+}

@@ -1,0 +1,313 @@
+//! Scenario tests of the engine's user-visible behaviour: thin provisioning, in-place vs redirect-on-write,
+//! hidden parents, GC accounting, ENOSPC, locking and the error cases.
+
+use shale_block::uring::{IoEngine, IoEngineConfig};
+use shale_block::{BlockDevice, BlockError, ExtentKind, IoBuf, WriteFlags};
+use shale_snapshot::{Engine, EngineError, SrConfig};
+
+const CS: u64 = 65536;
+
+fn io() -> IoEngine {
+    IoEngine::new(IoEngineConfig::default()).unwrap()
+}
+
+async fn sr(dir: &std::path::Path, capacity: Option<u64>) -> Engine {
+    Engine::create(
+        &dir.join("sr"),
+        SrConfig {
+            cluster_size: CS as u32,
+            capacity,
+        },
+        io(),
+    )
+    .unwrap()
+}
+
+fn pattern(n: usize, seed: u8) -> IoBuf {
+    IoBuf::from_slice(
+        &(0..n)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[tokio::test]
+async fn thin_vdi_costs_nothing_until_written() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("big", 1 << 40).await.unwrap();
+    assert_eq!(v.size, 1 << 40);
+    assert_eq!(v.allocated_bytes, 0);
+    assert_eq!(e.sr_info().allocated_bytes, 0);
+    let vol = e.open_volume(v.uuid).unwrap();
+    let ext = vol.block_status(0, 1 << 30).await.unwrap();
+    assert_eq!(ext.len(), 1);
+    assert_eq!(ext[0].kind, ExtentKind::Hole);
+    let r = vol
+        .read((1 << 40) - 4096, IoBuf::zeroed(4096))
+        .await
+        .unwrap();
+    assert!(r.iter().all(|&b| b == 0));
+    vol.write(1 << 39, pattern(4096, 1), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(e.info(v.uuid).unwrap().allocated_bytes, CS);
+    let ext = vol.block_status(1 << 39, CS).await.unwrap();
+    assert_eq!(ext[0].kind, ExtentKind::Data);
+}
+
+#[tokio::test]
+async fn overwrite_in_place_until_a_snapshot_then_redirect() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("v", 16 * CS).await.unwrap();
+    let vol = e.open_volume(v.uuid).unwrap();
+    vol.write(0, pattern(4096, 1), WriteFlags::default())
+        .await
+        .unwrap();
+    let used = e.sr_info().allocated_bytes;
+    vol.write(4096, pattern(4096, 2), WriteFlags::default())
+        .await
+        .unwrap();
+    vol.write(0, pattern(4096, 3), WriteFlags::FUA)
+        .await
+        .unwrap();
+    assert_eq!(
+        e.sr_info().allocated_bytes,
+        used,
+        "head-only cluster overwritten in place"
+    );
+    let s = e.snapshot(v.uuid, "s").await.unwrap();
+    vol.write(0, pattern(4096, 4), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        e.sr_info().allocated_bytes,
+        used + CS,
+        "first write after a snapshot redirects"
+    );
+    vol.write(8192, pattern(4096, 5), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        e.sr_info().allocated_bytes,
+        used + CS,
+        "then the new cluster is the head's own"
+    );
+    let sv = e.open_volume(s.uuid).unwrap();
+    let got = sv.read(0, IoBuf::zeroed(8192)).await.unwrap();
+    assert_eq!(&got[..4096], &pattern(4096, 3)[..]);
+    assert_eq!(&got[4096..], &pattern(4096, 2)[..]);
+    assert!(matches!(
+        sv.write(0, pattern(512, 0), WriteFlags::default()).await,
+        Err(BlockError::ReadOnly)
+    ));
+    // Destroying the snapshot makes the old cluster garbage, and the head's cluster in-place again.
+    drop(sv);
+    e.destroy(s.uuid).await.unwrap();
+    let reclaimed = e.gc_now().await.unwrap();
+    assert_eq!(reclaimed, CS);
+    assert_eq!(e.sr_info().reclaimed_bytes, CS);
+    assert!(e.check().unwrap().ok());
+}
+
+#[tokio::test]
+async fn snapshot_with_clones_is_hidden_until_they_go() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("v", 4 * CS).await.unwrap();
+    let vol = e.open_volume(v.uuid).unwrap();
+    vol.write(0, pattern(CS as usize, 9), WriteFlags::default())
+        .await
+        .unwrap();
+    drop(vol);
+    let s = e.snapshot(v.uuid, "s").await.unwrap();
+    let c = e.clone_snapshot(s.uuid, "c").await.unwrap();
+    assert_eq!(e.info(s.uuid).unwrap().clones, vec![c.uuid]);
+    e.destroy(s.uuid).await.unwrap();
+    let hidden = e.info(s.uuid).unwrap();
+    assert!(hidden.hidden);
+    assert!(
+        matches!(e.lookup("s"), Err(EngineError::NotFound(_))),
+        "hidden snapshots release their name"
+    );
+    // The clone still reads through it, even after the original VDI is gone.
+    e.destroy(v.uuid).await.unwrap();
+    e.gc_now().await.unwrap();
+    assert_eq!(
+        e.digest(c.uuid).await.unwrap(),
+        shale_snapshot::digest::digest_bytes(&{
+            let mut d = pattern(CS as usize, 9).to_vec();
+            d.resize(4 * CS as usize, 0);
+            d
+        })
+    );
+    e.destroy(c.uuid).await.unwrap();
+    e.gc_now().await.unwrap();
+    e.gc_now().await.unwrap();
+    assert!(
+        e.info(s.uuid).is_err(),
+        "hidden parent released with its last clone"
+    );
+    assert!(e.list().is_empty());
+    assert_eq!(e.sr_info().allocated_bytes, 0);
+    assert!(e.check().unwrap().ok());
+}
+
+#[tokio::test]
+async fn full_sr_fails_writes_cleanly_and_recovers() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), Some(8 * CS)).await;
+    let a = e.create_vdi("a", 64 * CS).await.unwrap();
+    let b = e.create_vdi("b", 64 * CS).await.unwrap();
+    let va = e.open_volume(a.uuid).unwrap();
+    for i in 0..6 {
+        va.write(i * CS, pattern(CS as usize, i as u8), WriteFlags::default())
+            .await
+            .unwrap();
+    }
+    let vb = e.open_volume(b.uuid).unwrap();
+    vb.write(0, pattern(CS as usize, 50), WriteFlags::default())
+        .await
+        .unwrap();
+    vb.write(CS, pattern(CS as usize, 51), WriteFlags::default())
+        .await
+        .unwrap();
+    let err = vb
+        .write(2 * CS, pattern(4096, 52), WriteFlags::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BlockError::NoSpace), "{err:?}");
+    assert_eq!(err.errno(), 28);
+    // Overwriting owned clusters still works when full.
+    vb.write(0, pattern(4096, 53), WriteFlags::default())
+        .await
+        .unwrap();
+    let digest_b = e.digest(b.uuid).await.unwrap();
+    assert!(e.check().unwrap().ok());
+    drop(va);
+    e.destroy(a.uuid).await.unwrap();
+    assert_eq!(e.gc_now().await.unwrap(), 6 * CS);
+    vb.write(2 * CS, pattern(4096, 52), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_ne!(e.digest(b.uuid).await.unwrap(), digest_b);
+    assert!(e.check().unwrap().ok());
+}
+
+#[tokio::test]
+async fn errors_are_clear() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("v", CS).await.unwrap();
+    assert!(matches!(
+        e.create_vdi("v", CS).await,
+        Err(EngineError::NameTaken(_))
+    ));
+    assert!(matches!(
+        e.create_vdi("a/b", CS).await,
+        Err(EngineError::InvalidName(_))
+    ));
+    assert!(matches!(
+        e.create_vdi("", CS).await,
+        Err(EngineError::InvalidName(_))
+    ));
+    assert!(matches!(
+        e.create_vdi("odd", 1000).await,
+        Err(EngineError::InvalidSize(..))
+    ));
+    assert!(matches!(
+        e.create_vdi("zero", 0).await,
+        Err(EngineError::InvalidSize(..))
+    ));
+    assert!(matches!(
+        e.resize(v.uuid, 512, false).await,
+        Err(EngineError::ShrinkRefused(..))
+    ));
+    assert!(matches!(
+        e.clone_snapshot(v.uuid, "x").await,
+        Err(EngineError::WrongKind(..))
+    ));
+    let vol = e.open_volume(v.uuid).unwrap();
+    assert!(matches!(
+        e.destroy(v.uuid).await,
+        Err(EngineError::InUse(_))
+    ));
+    assert!(matches!(
+        vol.read(CS, IoBuf::zeroed(512)).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        vol.read(1, IoBuf::zeroed(512)).await,
+        Err(BlockError::Misaligned { .. })
+    ));
+    assert!(matches!(
+        vol.write(CS - 512, pattern(1024, 0), WriteFlags::default())
+            .await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    // Growing works online: the open handle sees the new size.
+    e.resize(v.uuid, 2 * CS, false).await.unwrap();
+    assert_eq!(vol.size(), 2 * CS);
+    vol.write(CS, pattern(512, 1), WriteFlags::default())
+        .await
+        .unwrap();
+    let dir = e.dir().to_path_buf();
+    assert!(matches!(
+        Engine::open(&dir, io()),
+        Err(EngineError::Locked(_))
+    ));
+    assert!(matches!(
+        Engine::create(&dir, SrConfig::default(), io()),
+        Err(EngineError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        Engine::create(
+            &t.path().join("bad"),
+            SrConfig {
+                cluster_size: 3000,
+                capacity: None
+            },
+            io()
+        ),
+        Err(EngineError::InvalidClusterSize(_))
+    ));
+    assert!(matches!(
+        Engine::open(&t.path().join("none"), io()),
+        Err(EngineError::NoSr(_))
+    ));
+}
+
+#[tokio::test]
+async fn data_survives_reopen_and_reads_do_not_depend_on_snapshot_count() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("v", 8 * CS).await.unwrap();
+    let mut snaps = Vec::new();
+    {
+        let vol = e.open_volume(v.uuid).unwrap();
+        for i in 0..50u8 {
+            vol.write(
+                u64::from(i % 8) * CS + 512 * u64::from(i),
+                pattern(512, i),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+            snaps.push(e.snapshot(v.uuid, &format!("s{i}")).await.unwrap().uuid);
+        }
+        vol.flush().await.unwrap();
+    }
+    let before: Vec<String> = futures::future::join_all(snaps.iter().map(|s| e.digest(*s)))
+        .await
+        .into_iter()
+        .map(|d| d.unwrap())
+        .collect();
+    let dir = e.dir().to_path_buf();
+    e.close().await.unwrap();
+    let e = Engine::open(&dir, io()).unwrap();
+    for (s, d) in snaps.iter().zip(before) {
+        assert_eq!(e.digest(*s).await.unwrap(), d);
+    }
+    assert!(e.check().unwrap().ok());
+}
