@@ -644,7 +644,7 @@ pub fn check_size(size: u64) -> Result<()> {
             "invalid size 0: a VDI needs at least 512 bytes".into(),
         ));
     }
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(SrError::InvalidArgument(format!(
             "invalid size {size}: sizes must be a multiple of 512 bytes"
         )));

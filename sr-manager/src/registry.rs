@@ -148,7 +148,7 @@ mod tests {
         };
         r.add(rec.clone()).unwrap();
         let again = Registry::load(dir.path()).unwrap().unwrap();
-        assert_eq!(again.records(), &[rec.clone()]);
+        assert_eq!(again.records(), std::slice::from_ref(&rec));
         r.remove(rec.uuid).unwrap();
         assert!(Registry::load(dir.path())
             .unwrap()

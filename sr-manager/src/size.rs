@@ -88,7 +88,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
             .map_err(|_| SizeError::Malformed(input.to_string()))?;
         let denom = 10u128.pow(frac_part.len() as u32);
         let scaled = digits << shift;
-        if scaled % denom != 0 {
+        if !scaled.is_multiple_of(denom) {
             return Err(SizeError::Fractional(input.to_string()));
         }
         let frac_bytes = u64::try_from(scaled / denom).map_err(|_| overflow())?;
@@ -113,7 +113,7 @@ impl fmt::Display for HumanSize {
             return write!(f, "{b} B");
         }
         let unit = 1u64 << (10 * i);
-        if b % unit == 0 {
+        if b.is_multiple_of(unit) {
             write!(f, "{} {}", b / unit, names[i])
         } else {
             let v = b as f64 / unit as f64;
