@@ -100,8 +100,12 @@ impl SrError {
             e @ (EngineError::InvalidName(_)
             | EngineError::InvalidSize(..)
             | EngineError::InvalidClusterSize(_)) => SrError::InvalidArgument(e.to_string()),
+            EngineError::ShrinkRefused(name, from, to) => SrError::FailedPrecondition(format!(
+                "shrinking '{name}' from {} to {} destroys the data past the new end; pass --allow-shrink",
+                crate::size::format_size(from),
+                crate::size::format_size(to)
+            )),
             e @ (EngineError::WrongKind(..)
-            | EngineError::ShrinkRefused(..)
             | EngineError::NotSnapshotOf(..)
             | EngineError::InUse(_)) => SrError::FailedPrecondition(e.to_string()),
             e @ EngineError::Locked(_) => SrError::Locked(e.to_string()),

@@ -74,9 +74,6 @@ fn main() -> ExitCode {
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>()
                 .join(": ");
-            if serving {
-                tracing::error!("{msg}");
-            }
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }

@@ -50,6 +50,27 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
     out
 }
 
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, no time-zone database needed).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 fn or_dash(s: &str) -> String {
     if s.is_empty() {
         "-".into()
@@ -119,6 +140,7 @@ pub fn sr_fields(s: &proto::Sr) -> String {
         ("type", s.r#type.clone()),
         ("path", s.path.clone()),
         ("status", s.status.clone()),
+        ("created", utc(s.created)),
     ];
     if s.status == "attached" {
         pairs.extend([
@@ -241,7 +263,7 @@ pub fn vdi_fields(v: &proto::Vdi) -> String {
     } else {
         pairs.push(("clones", refs(&v.clones)));
     }
-    pairs.push(("created", v.created.to_string()));
+    pairs.push(("created", utc(v.created)));
     fields(&pairs)
 }
 
@@ -259,6 +281,13 @@ mod tests {
             ],
         );
         assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
     }
 
     #[test]
