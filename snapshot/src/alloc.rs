@@ -8,6 +8,11 @@
 //!
 //! Freed clusters take a detour: they are committed free, then their space is punched out of the data file, and
 //! only then handed out again ([`Allocator::release`]), so a punch can never destroy data of a new owner.
+//!
+//! **Invariant: every cluster [`Allocator::reserve`] hands out reads as zeroes.** Clusters above the high-water
+//! mark were never written (recovery truncates the data file there), freed clusters are punched before release,
+//! and recovery after an unclean shutdown punches the whole free list. The data path relies on it to write only
+//! the bytes of a partial write into a fresh cluster.
 
 use std::collections::BTreeSet;
 
@@ -107,6 +112,11 @@ impl Allocator {
     pub fn release(&mut self, clusters: &[u64]) {
         self.pending = self.pending.saturating_sub(clusters.len() as u64);
         self.free.extend(clusters.iter().copied());
+    }
+
+    /// Clusters that were pending release but are withheld (could not be zeroed).
+    pub fn forget_pending(&mut self, n: u64) {
+        self.pending = self.pending.saturating_sub(n);
     }
 
     /// Clusters in use (allocated and referenced, or reserved).

@@ -386,6 +386,7 @@ impl Engine {
         let clean = db.get(CLEAN)?.is_some();
         if !clean {
             Self::recover_leaks(&db, high_water, &mut free)?;
+            Self::rezero_free_space(&data, high_water, &free, cs)?;
         }
         db.delete(CLEAN)?;
         let limit = sb.capacity.map(|c| c / cs);
@@ -459,6 +460,46 @@ impl Engine {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         drop(self);
+        Ok(())
+    }
+
+    /// After an unclean shutdown, re-establish the allocator's invariant that free clusters read as zeroes:
+    /// a cluster may have been committed free but not yet punched, or written by a reservation that never
+    /// committed (below or above the high-water mark). Truncate the file at the mark and punch every free run.
+    fn rezero_free_space(
+        data: &File,
+        high_water: u64,
+        free: &BTreeSet<u64>,
+        cs: u64,
+    ) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if data.metadata()?.len() > high_water * cs {
+            data.set_len(high_water * cs)?;
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &p in free {
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == p => *n += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        for (start, n) in runs {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: fallocate only reads its integer arguments; the fd is valid for the life of `data`.
+            let r = unsafe {
+                libc::fallocate(data.as_raw_fd(), mode, (start * cs) as i64, (n * cs) as i64)
+            };
+            if r != 0 {
+                let err = std::io::Error::last_os_error();
+                // Without punch support, write zeroes so the invariant still holds.
+                warn!(error = %err, "punch hole failed during recovery; writing zeroes");
+                let zeros = shale_block::IoBuf::zeroed(cs as usize); // aligned for O_DIRECT
+                for p in start..start + n {
+                    std::os::unix::fs::FileExt::write_all_at(data, &zeros, p * cs)?;
+                }
+            }
+        }
+        data.sync_data()?;
         Ok(())
     }
 

@@ -44,23 +44,54 @@ pub(crate) async fn flush(inner: &Arc<Inner>) -> std::result::Result<(), BlockEr
 }
 
 /// Punch freed clusters out of the data file, then make them allocatable. Called after the batch that freed them
-/// has committed.
+/// has committed (or for a reservation whose write failed and may have left data behind).
+///
+/// This keeps the allocator's invariant that every cluster it hands out reads as zeroes. A cluster that can be
+/// neither punched nor overwritten with zeroes is not handed out again: its free-list key is removed, so it
+/// shows as a leak to `sr check`, and the next recovery (which punches every free cluster) takes it back.
 pub(crate) async fn release_clusters(inner: &Inner, clusters: Vec<u64>) {
     if clusters.is_empty() {
         return;
     }
     inner.alloc.lock().add_pending(clusters.len() as u64);
+    let mut clean = Vec::with_capacity(clusters.len());
     for &p in &clusters {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        if let Err(e) = inner
+        let zeroed = match inner
             .io
             .fallocate(&inner.data, mode, p * inner.cs, inner.cs)
             .await
         {
-            debug!(cluster = p, error = %e, "punch hole failed; space stays allocated in the file");
+            Ok(()) => true,
+            Err(e) => {
+                debug!(cluster = p, error = %e, "punch hole failed; writing zeroes instead");
+                let (r, _) = inner
+                    .io
+                    .write_at(
+                        &inner.data,
+                        p * inner.cs,
+                        shale_block::IoBuf::zeroed(inner.cs as usize),
+                        false,
+                    )
+                    .await;
+                r.is_ok()
+            }
+        };
+        if zeroed {
+            clean.push(p);
+        } else {
+            warn!(
+                cluster = p,
+                "could not zero a freed cluster; withholding it until the next recovery"
+            );
+            if let Err(e) = inner.db.delete(keys::free(p)) {
+                warn!(cluster = p, error = %e, "could not withhold cluster");
+            }
         }
     }
-    inner.alloc.lock().release(&clusters);
+    let mut a = inner.alloc.lock();
+    a.release(&clean);
+    a.forget_pending((clusters.len() - clean.len()) as u64);
 }
 
 impl Engine {

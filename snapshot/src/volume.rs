@@ -269,36 +269,39 @@ impl Volume {
             None => resolve(&self.inner, &self.vol, c, epoch)?,
         };
         let cs = self.cs();
-        let full = if in_off == 0 && data.len() as u64 == cs {
-            data
-        } else {
-            let mut cbuf = IoBuf::zeroed(cs as usize);
-            if let Some(loc) = base.filter(|l| l.pcluster != ZERO_CLUSTER) {
-                let (r, b) = self
-                    .inner
-                    .io
-                    .read_at(&self.inner.data, loc.pcluster * cs, cbuf)
-                    .await;
-                r.map_err(BlockError::from_io)?;
-                cbuf = b;
-            }
-            let s = in_off as usize;
-            cbuf.as_mut_slice()[s..s + data.len()].copy_from_slice(&data);
-            cbuf
-        };
+        let base_data = base.filter(|l| l.pcluster != ZERO_CLUSTER);
         let res = self
             .inner
             .alloc
             .lock()
             .reserve()
             .ok_or(BlockError::NoSpace)?;
-        let (r, _) = self
-            .inner
-            .io
-            .write_at(&self.inner.data, res.pcluster * cs, full, fua)
-            .await;
+        // Every cluster the allocator hands out reads as zeroes (see `alloc`), so a partial write with nothing
+        // beneath writes only its own bytes; otherwise the old contents are merged into a full cluster.
+        let (at, buf) = if in_off == 0 && data.len() as u64 == cs || base_data.is_none() {
+            (res.pcluster * cs + in_off, data)
+        } else {
+            let mut cbuf = IoBuf::zeroed(cs as usize);
+            if let Some(loc) = base_data {
+                let (r, b) = self
+                    .inner
+                    .io
+                    .read_at(&self.inner.data, loc.pcluster * cs, cbuf)
+                    .await;
+                if let Err(e) = r {
+                    self.inner.alloc.lock().unreserve(res);
+                    return Err(BlockError::from_io(e));
+                }
+                cbuf = b;
+            }
+            let s = in_off as usize;
+            cbuf.as_mut_slice()[s..s + data.len()].copy_from_slice(&data);
+            (res.pcluster * cs, cbuf)
+        };
+        let (r, _) = self.inner.io.write_at(&self.inner.data, at, buf, fua).await;
         if let Err(e) = r {
-            self.inner.alloc.lock().unreserve(res);
+            // The cluster may now hold part of the write: it must be zeroed again before reuse.
+            crate::gc::release_clusters(&self.inner, vec![res.pcluster]).await;
             return Err(BlockError::from_io(e));
         }
         let key = keys::map(self.vol.id, c, epoch);
@@ -306,7 +309,7 @@ impl Volume {
         b.put(key, keys::map_value(&key, res.pcluster));
         res.commit_into(&mut b);
         if let Err(e) = self.inner.write(b, fua) {
-            self.inner.alloc.lock().unreserve(res);
+            crate::gc::release_clusters(&self.inner, vec![res.pcluster]).await;
             return Err(e.into());
         }
         Ok(())
