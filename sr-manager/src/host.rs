@@ -175,16 +175,48 @@ impl Host {
         }
         if first_start {
             let path = state_dir.join("srs").join(DEFAULT_SR_NAME);
-            tracing::info!(path = %path.display(), "first start: creating the default SR");
-            host.sr_create(
-                DEFAULT_SR_NAME,
-                DEFAULT_SR_TYPE,
-                &path,
-                &SrCreateOptions::default(),
-            )
-            .await?;
+            let occupied = std::fs::read_dir(&path)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false);
+            if occupied {
+                // The registry was lost but the default SR is still there: adopt it rather than refuse to start.
+                tracing::warn!(path = %path.display(), "no registry but a default SR exists: adopting it");
+                host.sr_adopt(DEFAULT_SR_NAME, DEFAULT_SR_TYPE, &path)
+                    .await?;
+            } else {
+                tracing::info!(path = %path.display(), "first start: creating the default SR");
+                host.sr_create(
+                    DEFAULT_SR_NAME,
+                    DEFAULT_SR_TYPE,
+                    &path,
+                    &SrCreateOptions::default(),
+                )
+                .await?;
+            }
         }
         Ok(host)
+    }
+
+    /// Attach an existing SR at `path` and register it as `name`.
+    async fn sr_adopt(&self, name: &str, sr_type: &str, path: &Path) -> Result<SrView> {
+        let driver = self.driver(sr_type)?;
+        let mut inner = self.inner.write().await;
+        let sr = driver.attach(name, path).await?;
+        let record = SrRecord {
+            uuid: sr.stats().uuid,
+            name: name.to_string(),
+            sr_type: sr_type.to_string(),
+            path: path.to_path_buf(),
+            created: now(),
+        };
+        if let Err(e) = inner.registry.add(record.clone()) {
+            let _ = sr.detach().await;
+            return Err(e);
+        }
+        let slot = SrSlot { record, sr: Ok(sr) };
+        let view = self.view(&slot);
+        inner.srs.push(slot);
+        Ok(view)
     }
 
     /// The daemon's state directory.

@@ -245,3 +245,20 @@ async fn unavailable_sr_is_reported_then_forgotten() {
     assert_eq!(host.sr_list().await.len(), 1);
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_registry_adopts_the_default_sr() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    {
+        let host = Host::open(&state, drivers()).await.unwrap();
+        host.vdi_create(None, "keep", 1 << 20).await.unwrap();
+        host.shutdown().await;
+    }
+    std::fs::remove_file(state.join("registry.json")).unwrap();
+    let host = Host::open(&state, drivers()).await.unwrap();
+    let v = host.vdi_show("local/keep").await.unwrap();
+    assert_eq!(v.info.size, 1 << 20);
+    host.shutdown().await;
+}
