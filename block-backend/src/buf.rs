@@ -47,7 +47,8 @@ impl IoBuf {
     fn layout(cap: usize) -> Layout {
         // The size is a non-zero multiple of ALIGN and ALIGN is a power of two, so this cannot fail unless the
         // size overflows isize, which alloc would refuse anyway.
-        Layout::from_size_align(cap, ALIGN).unwrap_or_else(|_| panic!("IoBuf of {cap} bytes is too large"))
+        Layout::from_size_align(cap, ALIGN)
+            .unwrap_or_else(|_| panic!("IoBuf of {cap} bytes is too large"))
     }
 
     /// Length in bytes.
@@ -70,7 +71,11 @@ impl IoBuf {
     /// # Panics
     /// If `len` exceeds the capacity: a programming error, never caused by input.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "IoBuf::set_len({len}) beyond capacity {}", self.cap);
+        assert!(
+            len <= self.cap,
+            "IoBuf::set_len({len}) beyond capacity {}",
+            self.cap
+        );
         self.len = len;
     }
 

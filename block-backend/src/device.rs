@@ -93,7 +93,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn discard(&self, offset: u64, len: u64) -> Result<()>;
 
     /// Make the range read as zeroes; with `may_trim` the device may release space to do it.
-    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, flags: WriteFlags) -> Result<()>;
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        flags: WriteFlags,
+    ) -> Result<()>;
 
     /// Describe `[offset, offset+len)` as a list of contiguous extents covering at least the first byte and at
     /// most the whole range, in order.
@@ -119,11 +125,19 @@ pub trait BlockDevice: Send + Sync + 'static {
 pub fn check_range(info: &DeviceInfo, offset: u64, len: u64) -> Result<()> {
     let align = u64::from(info.block_size.max(1));
     if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
-        return Err(BlockError::Misaligned { offset, len, align: info.block_size });
+        return Err(BlockError::Misaligned {
+            offset,
+            len,
+            align: info.block_size,
+        });
     }
     match offset.checked_add(len) {
         Some(end) if end <= info.size => Ok(()),
-        _ => Err(BlockError::OutOfRange { offset, len, size: info.size }),
+        _ => Err(BlockError::OutOfRange {
+            offset,
+            len,
+            size: info.size,
+        }),
     }
 }
 
@@ -156,11 +170,29 @@ mod tests {
         let i = info();
         assert!(check_range(&i, 0, 512).is_ok());
         assert!(check_range(&i, (1 << 20) - 512, 512).is_ok());
-        assert!(matches!(check_range(&i, 1 << 20, 512), Err(BlockError::OutOfRange { .. })));
-        assert!(matches!(check_range(&i, u64::MAX - 511, 512), Err(BlockError::OutOfRange { .. })));
-        assert!(matches!(check_range(&i, 1, 512), Err(BlockError::Misaligned { .. })));
-        assert!(matches!(check_range(&i, 0, 100), Err(BlockError::Misaligned { .. })));
-        let ro = DeviceInfo { read_only: true, ..i };
-        assert!(matches!(check_write(&ro, 0, 512), Err(BlockError::ReadOnly)));
+        assert!(matches!(
+            check_range(&i, 1 << 20, 512),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(&i, u64::MAX - 511, 512),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(&i, 1, 512),
+            Err(BlockError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            check_range(&i, 0, 100),
+            Err(BlockError::Misaligned { .. })
+        ));
+        let ro = DeviceInfo {
+            read_only: true,
+            ..i
+        };
+        assert!(matches!(
+            check_write(&ro, 0, 512),
+            Err(BlockError::ReadOnly)
+        ));
     }
 }

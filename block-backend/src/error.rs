@@ -13,7 +13,9 @@ pub type Result<T, E = BlockError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The request reaches past the end of the device.
-    #[error("request at offset {offset} length {len} is beyond the end of the device ({size} bytes)")]
+    #[error(
+        "request at offset {offset} length {len} is beyond the end of the device ({size} bytes)"
+    )]
     OutOfRange {
         /// Request start.
         offset: u64,
@@ -132,11 +134,31 @@ mod tests {
     fn errno_mapping() {
         assert_eq!(BlockError::ReadOnly.errno(), errno::EPERM);
         assert_eq!(BlockError::NoSpace.errno(), errno::ENOSPC);
-        assert_eq!(BlockError::OutOfRange { offset: 0, len: 1, size: 0 }.errno(), errno::EINVAL);
-        assert_eq!(BlockError::from_io(io::Error::from_raw_os_error(28)).errno(), errno::ENOSPC);
-        assert!(matches!(BlockError::from_io(io::Error::from_raw_os_error(28)), BlockError::NoSpace));
-        assert_eq!(BlockError::Io(io::Error::from_raw_os_error(5)).errno(), errno::EIO);
-        assert_eq!(BlockError::Unsupported("x").virtio_status(), virtio_status::UNSUPP);
+        assert_eq!(
+            BlockError::OutOfRange {
+                offset: 0,
+                len: 1,
+                size: 0
+            }
+            .errno(),
+            errno::EINVAL
+        );
+        assert_eq!(
+            BlockError::from_io(io::Error::from_raw_os_error(28)).errno(),
+            errno::ENOSPC
+        );
+        assert!(matches!(
+            BlockError::from_io(io::Error::from_raw_os_error(28)),
+            BlockError::NoSpace
+        ));
+        assert_eq!(
+            BlockError::Io(io::Error::from_raw_os_error(5)).errno(),
+            errno::EIO
+        );
+        assert_eq!(
+            BlockError::Unsupported("x").virtio_status(),
+            virtio_status::UNSUPP
+        );
         assert_eq!(BlockError::NoSpace.virtio_status(), virtio_status::IOERR);
     }
 }
