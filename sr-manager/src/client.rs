@@ -25,6 +25,16 @@ pub struct ConnectError {
 
 /// Connect to the daemon listening on `socket`.
 pub async fn connect(socket: &Path) -> Result<ShaleClient<Channel>, ConnectError> {
+    let channel = channel(socket).await?;
+    let limit = MAX_IO as usize + (1 << 20);
+    Ok(ShaleClient::new(channel)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit))
+}
+
+/// An HTTP/2 channel to the daemon on `socket`, for the other services it serves on the same socket (e.g.
+/// `ShaleVm`).
+pub async fn channel(socket: &Path) -> Result<Channel, ConnectError> {
     let err = |reason: String| ConnectError {
         socket: socket.to_path_buf(),
         reason,
@@ -41,10 +51,7 @@ pub async fn connect(socket: &Path) -> Result<ShaleClient<Channel>, ConnectError
         }))
         .await
         .map_err(|e| err(e.to_string()))?;
-    let limit = MAX_IO as usize + (1 << 20);
-    Ok(ShaleClient::new(channel)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit))
+    Ok(channel)
 }
 
 fn short_io(e: &std::io::Error) -> String {
