@@ -6,6 +6,8 @@
 //! - [`registry`]: which SRs this host owns (a small JSON file in the state directory, replaced atomically).
 //! - [`host`]: [`Host`], every SR of this host plus the addressing rules (`NAME`, `SR/NAME`, UUID); the object
 //!   later front ends (NBD, VMs) use to reach volumes as `Arc<dyn BlockDevice>`.
+//! - [`export`]: NBD export of every VDI and snapshot (names `SR/NAME`, UUID, unique `NAME`), opened per
+//!   connection so an exported volume is "in use" only while a client is connected.
 //! - [`service`]: the tonic gRPC service over [`Host`]; [`proto`] is the generated API (`proto/shale.proto`).
 //! - [`client`]: connecting to a daemon over its Unix socket.
 //! - [`size`]: human-readable sizes (`10G`, `64K`) in and out.
@@ -16,6 +18,7 @@
 pub mod client;
 pub mod driver;
 pub mod error;
+pub mod export;
 pub mod host;
 pub mod registry;
 pub mod service;

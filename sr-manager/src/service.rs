@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::driver::{Capabilities, SrCreateOptions};
 use crate::error::SrError;
+use crate::export::NbdFrontend;
 use crate::host::{Host, Named, SrView, VdiView, MAX_IO};
 use crate::proto::{self, shale_server::Shale};
 
@@ -18,12 +19,30 @@ use crate::proto::{self, shale_server::Shale};
 pub struct ShaleService {
     host: Arc<Host>,
     socket: PathBuf,
+    /// The NBD front end, when the daemon runs one (`VdiExport`/`NbdList` need it).
+    nbd: Option<Arc<NbdFrontend>>,
 }
 
 impl ShaleService {
     /// Serve `host`; `socket` is only reported by `HostInfo`.
     pub fn new(host: Arc<Host>, socket: PathBuf) -> Self {
-        ShaleService { host, socket }
+        ShaleService {
+            host,
+            socket,
+            nbd: None,
+        }
+    }
+
+    /// Report NBD exports and connections of `nbd` (the daemon's NBD server).
+    pub fn with_nbd(mut self, nbd: Arc<NbdFrontend>) -> Self {
+        self.nbd = Some(nbd);
+        self
+    }
+
+    fn nbd(&self) -> Result<&NbdFrontend, Status> {
+        self.nbd
+            .as_deref()
+            .ok_or_else(|| Status::unavailable("this daemon does not run an NBD server"))
     }
 
     /// The tonic server wrapper, with message limits raised for scripted reads/writes of up to [`MAX_IO`].
@@ -316,5 +335,18 @@ impl Shale for ShaleService {
             .read(required("VDI", &r.vdi)?, r.offset, r.length)
             .await?;
         Ok(Response::new(proto::VdiReadReply { data }))
+    }
+
+    async fn vdi_export(&self, req: Request<proto::VdiRef>) -> Reply<proto::VdiExportReply> {
+        let r = req.into_inner();
+        let reply = self
+            .nbd()?
+            .vdi_export(&self.host, required("VDI", &r.vdi)?)
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn nbd_list(&self, _req: Request<proto::NbdListRequest>) -> Reply<proto::NbdListReply> {
+        Ok(Response::new(self.nbd()?.list().await))
     }
 }
