@@ -34,6 +34,9 @@ pub enum Command {
     /// Virtual disks (VDIs) and their snapshots.
     #[command(subcommand)]
     Vdi(VdiCommand),
+    /// The daemon's NBD server: exports and live connections.
+    #[command(subcommand)]
+    Nbd(NbdCommand),
 }
 
 /// `shale serve`.
@@ -43,6 +46,25 @@ pub struct ServeArgs {
     /// when writable, else $XDG_DATA_HOME/shale or ~/.local/share/shale).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// NBD Unix socket (default: STATE_DIR/nbd.sock).
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+
+    /// NBD TCP listen address; loopback only by default, since NBD has no authentication.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10809", conflicts_with = "no_nbd_tcp")]
+    pub nbd_listen: String,
+
+    /// Do not listen for NBD on TCP (Unix socket only).
+    #[arg(long)]
+    pub no_nbd_tcp: bool,
+}
+
+/// `shale nbd ...`.
+#[derive(Debug, Subcommand)]
+pub enum NbdCommand {
+    /// List NBD listeners, exports and active connections (peer, export, counters).
+    List,
 }
 
 /// `shale sr ...`.
@@ -168,6 +190,11 @@ pub enum VdiCommand {
     },
     /// Write data into a VDI (scripted I/O through the daemon; durable when the command returns).
     Write(WriteArgs),
+    /// Print the NBD URIs of a VDI or snapshot (snapshots are exported read-only).
+    Export {
+        /// NAME, SR/NAME or UUID.
+        vdi: String,
+    },
     /// Read data from a VDI or snapshot (to stdout or a file).
     Read {
         /// NAME, SR/NAME or UUID.

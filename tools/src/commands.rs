@@ -37,7 +37,13 @@ impl Ctx {
         })
     }
 
-    fn status(&self, s: Status) -> anyhow::Error {
+    /// The gRPC client, for command modules kept outside this file (e.g. [`crate::nbd`]).
+    pub(crate) fn client(&mut self) -> &mut ShaleClient<Channel> {
+        &mut self.client
+    }
+
+    /// A failed call as the one-line error the CLI prints.
+    pub(crate) fn status(&self, s: Status) -> anyhow::Error {
         match s.code() {
             Code::Unavailable | Code::Unknown | Code::Cancelled
                 if s.message().contains("transport") =>
@@ -52,7 +58,12 @@ impl Ctx {
         }
     }
 
-    fn print<T: Serialize>(&self, v: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    /// Print `v` as JSON with `--json`, else as `text` renders it.
+    pub(crate) fn print<T: Serialize>(
+        &self,
+        v: &T,
+        text: impl FnOnce(&T) -> String,
+    ) -> Result<()> {
         if self.json {
             output::json(v)
         } else {
@@ -310,6 +321,7 @@ pub async fn vdi(ctx: &mut Ctx, cmd: VdiCommand) -> Result<u8> {
             ctx.print(&r, |r| format!("{}  {}\n", r.digest, r.name))?;
         }
         VdiCommand::Write(args) => write(ctx, args).await?,
+        VdiCommand::Export { vdi } => crate::nbd::vdi_export(ctx, vdi).await?,
         VdiCommand::Read {
             vdi,
             offset,

@@ -7,6 +7,7 @@
 
 mod cli;
 mod commands;
+mod nbd;
 mod output;
 mod paths;
 mod serve;
@@ -31,11 +32,15 @@ fn init_tracing(default: &str) {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve(args) => {
-            let state_dir = args.state_dir.unwrap_or_else(paths::default_state_dir);
+            let state_dir = args
+                .state_dir
+                .clone()
+                .unwrap_or_else(paths::default_state_dir);
             let socket = cli
                 .socket
                 .unwrap_or_else(|| state_dir.join(paths::SOCKET_NAME));
-            serve::run(state_dir, socket).await?;
+            let nbd = nbd::serve_options(&args, &state_dir);
+            serve::run(state_dir, socket, nbd).await?;
             Ok(0)
         }
         Command::Sr(cmd) => {
@@ -47,6 +52,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let socket = cli.socket.unwrap_or_else(paths::default_socket);
             let mut ctx = commands::Ctx::connect(&socket, cli.json).await?;
             commands::vdi(&mut ctx, cmd).await
+        }
+        Command::Nbd(cmd) => {
+            let socket = cli.socket.unwrap_or_else(paths::default_socket);
+            let mut ctx = commands::Ctx::connect(&socket, cli.json).await?;
+            nbd::nbd(&mut ctx, cmd).await
         }
     }
 }

@@ -6,9 +6,10 @@
 //!    never leaves a stale lock;
 //! 2. start the io_uring engine and open the [`Host`] (attach every registered SR; on first start create the
 //!    default `local` thin SR);
-//! 3. bind the Unix socket (a leftover socket file from a crashed daemon is replaced; one a live daemon answers
+//! 3. start the NBD server ([`shale_sr::export`]: every VDI and snapshot, Unix socket and loopback TCP);
+//! 4. bind the Unix socket (a leftover socket file from a crashed daemon is replaced; one a live daemon answers
 //!    on is refused) and serve the gRPC API until SIGTERM/SIGINT;
-//! 4. on signal: stop accepting, finish in-flight requests, detach every SR (engines close cleanly), remove the
+//! 5. on signal: stop accepting, finish in-flight requests, drain NBD connections, detach every SR (engines close cleanly), remove the
 //!    socket, release the lock.
 
 use std::fs::{self, File, OpenOptions};
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use shale_block::uring::{IoEngine, IoEngineConfig};
+use shale_sr::export::{NbdFrontend, NbdOptions};
 use shale_sr::service::ShaleService;
 use shale_sr::thin::ThinDriver;
 use shale_sr::{Host, SrDriver};
@@ -111,7 +113,7 @@ async fn shutdown_signal() {
 }
 
 /// Run the daemon until a signal stops it.
-pub async fn run(state_dir: PathBuf, socket: PathBuf) -> Result<()> {
+pub async fn run(state_dir: PathBuf, socket: PathBuf, nbd: NbdOptions) -> Result<()> {
     fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
     let state_dir = state_dir
@@ -125,18 +127,23 @@ pub async fn run(state_dir: PathBuf, socket: PathBuf) -> Result<()> {
     let host = Arc::new(Host::open(&state_dir, drivers).await?);
 
     let listener = bind_socket(&socket).await?;
+    let nbd = NbdFrontend::start(host.clone(), &nbd)
+        .await
+        .context("cannot start the NBD server")?;
     tracing::info!(
         state_dir = %state_dir.display(),
         socket = %socket.display(),
         pid = std::process::id(),
         "shale daemon ready"
     );
-    let service = ShaleService::new(host.clone(), socket.clone());
+    let service = ShaleService::new(host.clone(), socket.clone()).with_nbd(nbd.clone());
     let served = tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
 
+    // NBD clients hold volumes open; drain them before the SRs close.
+    nbd.shutdown().await;
     host.shutdown().await;
     if let Err(e) = fs::remove_file(&socket) {
         tracing::warn!(socket = %socket.display(), error = %e, "cannot remove socket");

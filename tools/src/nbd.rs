@@ -1,0 +1,129 @@
+//! NBD in the CLI: `shale vdi export` (the URIs of a VDI or snapshot), `shale nbd list` (exports and live
+//! connections), and how `shale serve` turns its `--nbd-*` flags into listeners.
+//!
+//! Export names (see [`shale_sr::export`]): `SR/NAME` always, the UUID always, and the bare `NAME` while it is
+//! unique across SRs; the URIs printed use the bare name when it is unique, else `SR/NAME`.
+
+use std::path::Path;
+
+use anyhow::Result;
+use shale_sr::export::{NbdOptions, NBD_SOCKET_NAME};
+use shale_sr::proto;
+use shale_sr::size::format_size;
+
+use crate::cli::{NbdCommand, ServeArgs};
+use crate::commands::Ctx;
+use crate::output;
+
+/// Listener options of `shale serve` from its flags.
+pub fn serve_options(args: &ServeArgs, state_dir: &Path) -> NbdOptions {
+    NbdOptions {
+        unix: Some(
+            args.nbd_socket
+                .clone()
+                .unwrap_or_else(|| state_dir.join(NBD_SOCKET_NAME)),
+        ),
+        tcp: (!args.no_nbd_tcp).then(|| args.nbd_listen.clone()),
+    }
+}
+
+/// `shale vdi export VDI`: print the object's URIs (one per line; `--json` for every field).
+pub async fn vdi_export(ctx: &mut Ctx, vdi: String) -> Result<()> {
+    let reply = ctx
+        .client()
+        .vdi_export(proto::VdiRef { vdi })
+        .await
+        .map_err(|s| ctx.status(s))?
+        .into_inner();
+    ctx.print(&reply, export_text)
+}
+
+fn export_text(r: &proto::VdiExportReply) -> String {
+    let mut out = String::new();
+    for u in &r.uris {
+        out.push_str(u);
+        out.push('\n');
+    }
+    out
+}
+
+/// Run `shale nbd ...`. Returns the process exit code.
+pub async fn nbd(ctx: &mut Ctx, cmd: NbdCommand) -> Result<u8> {
+    match cmd {
+        NbdCommand::List => {
+            let reply = ctx
+                .client()
+                .nbd_list(proto::NbdListRequest {})
+                .await
+                .map_err(|s| ctx.status(s))?
+                .into_inner();
+            ctx.print(&reply, list_text)?;
+        }
+    }
+    Ok(0)
+}
+
+fn list_text(r: &proto::NbdListReply) -> String {
+    let mut out = format!("listening: {}\n\n", r.listeners.join(", "));
+    let rows: Vec<Vec<String>> = r
+        .exports
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                format_size(e.size),
+                if e.read_only { "ro" } else { "rw" }.to_string(),
+                e.description.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(
+        &["EXPORT", "SIZE", "MODE", "DESCRIPTION"],
+        &rows,
+    ));
+    out.push('\n');
+    if r.connections.is_empty() {
+        out.push_str("no active connections\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = r
+        .connections
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.to_string(),
+                c.peer.clone(),
+                if c.export.is_empty() {
+                    "(negotiating)".to_string()
+                } else {
+                    c.export.clone()
+                },
+                output::utc(c.connected_at),
+                c.reads.to_string(),
+                format_size(c.bytes_read),
+                c.writes.to_string(),
+                format_size(c.bytes_written),
+                c.flushes.to_string(),
+                c.errors.to_string(),
+                c.in_flight.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&output::table(
+        &[
+            "CONN",
+            "PEER",
+            "EXPORT",
+            "CONNECTED",
+            "READS",
+            "READ",
+            "WRITES",
+            "WRITTEN",
+            "FLUSHES",
+            "ERRORS",
+            "IN-FLIGHT",
+        ],
+        &rows,
+    ));
+    out
+}
