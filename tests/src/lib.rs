@@ -6,6 +6,9 @@
 //! - [`Daemon`] starts `shale serve --state-dir DIR --socket DIR/s.sock`, waits until it answers, runs CLI
 //!   commands against it ([`Daemon::shale`]), stops it with SIGTERM ([`Daemon::stop`]), and kills it (printing
 //!   its log) if a test panics.
+//!   Its NBD server listens on `STATE_DIR/nbd.sock` and an ephemeral loopback TCP port (see `shale vdi
+//!   export` for the URIs), so parallel tests and a real daemon on port 10809 never collide.
+//! - [`have`] says whether an external client (qemu-img, nbdinfo, fio...) is installed, so tests can skip.
 //! - [`Out`] is a finished CLI command with assertion helpers that print the whole output on failure.
 
 use std::ffi::OsStr;
@@ -201,6 +204,8 @@ impl Daemon {
             .arg(state_dir)
             .arg("--socket")
             .arg(&socket)
+            // An ephemeral NBD port: tests run in parallel and a real daemon may own 10809.
+            .args(["--nbd-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -309,4 +314,20 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// Whether `tool` is on `PATH`. Tests that need a missing client print `SKIP: ...` and pass (CI installs
+/// qemu-utils, libnbd-bin and fio, so nothing is skipped there).
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        eprintln!("SKIP: {tool} is not installed");
+    }
+    found
 }
