@@ -37,6 +37,9 @@ pub enum Command {
     /// The daemon's NBD server: exports and live connections.
     #[command(subcommand)]
     Nbd(NbdCommand),
+    /// Virtual machines on the embedded KVM VMM (run by the daemon; `vm run` in the foreground).
+    #[command(subcommand)]
+    Vm(crate::vm_cmd::VmCommand),
 }
 
 /// `shale serve`.

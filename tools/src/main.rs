@@ -11,6 +11,8 @@ mod nbd;
 mod output;
 mod paths;
 mod serve;
+mod vm_cmd;
+mod vms;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -58,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let mut ctx = commands::Ctx::connect(&socket, cli.json).await?;
             nbd::nbd(&mut ctx, cmd).await
         }
+        Command::Vm(cmd) => vm_cmd::run(cli.socket, cli.json, cmd).await,
     }
 }
 

@@ -125,6 +125,7 @@ pub async fn run(state_dir: PathBuf, socket: PathBuf, nbd: NbdOptions) -> Result
     let io = IoEngine::new(IoEngineConfig::default()).context("cannot start the I/O engine")?;
     let drivers: Vec<Arc<dyn SrDriver>> = vec![Arc::new(ThinDriver::new(io))];
     let host = Arc::new(Host::open(&state_dir, drivers).await?);
+    let vms = crate::vms::VmManager::open(host.clone())?;
 
     let listener = bind_socket(&socket).await?;
     let nbd = NbdFrontend::start(host.clone(), &nbd)
@@ -139,9 +140,12 @@ pub async fn run(state_dir: PathBuf, socket: PathBuf, nbd: NbdOptions) -> Result
     let service = ShaleService::new(host.clone(), socket.clone()).with_nbd(nbd.clone());
     let served = tonic::transport::Server::builder()
         .add_service(service.into_server())
+        .add_service(crate::vms::VmService::new(vms.clone()).into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
 
+    // Running VMs hold their VDIs open; stop them before the SRs close.
+    vms.shutdown().await;
     // NBD clients hold volumes open; drain them before the SRs close.
     nbd.shutdown().await;
     host.shutdown().await;
