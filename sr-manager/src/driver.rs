@@ -45,6 +45,9 @@ pub struct Capabilities {
     pub check: bool,
     /// Space reclamation on demand.
     pub gc: bool,
+    /// Snapshot and clone are done by the storage itself (the filesystem's FICLONE, Ceph RBD), not by Shale's
+    /// engine: their cost and space sharing are the backend's, and Shale keeps only the catalogue.
+    pub offloaded_snapshots: bool,
 }
 
 /// Options for creating an SR.

@@ -3,6 +3,7 @@
 //! - [`driver`]: the SR driver seam ([`SrDriver`] for an SR type, [`AttachedSr`] for one attached SR) and the
 //!   driver-neutral model (VDIs, snapshots, space accounting, capabilities).
 //! - [`thin`]: the `thin` SR type, on the native engine (`shale-snapshot`).
+//! - [`reflink`]: the `reflink` SR type, files on XFS/btrfs with snapshot/clone offloaded to `FICLONE`.
 //! - [`registry`]: which SRs this host owns (a small JSON file in the state directory, replaced atomically).
 //! - [`host`]: [`Host`], every SR of this host plus the addressing rules (`NAME`, `SR/NAME`, UUID); the object
 //!   later front ends (NBD, VMs) use to reach volumes as `Arc<dyn BlockDevice>`.
@@ -20,6 +21,7 @@ pub mod driver;
 pub mod error;
 pub mod export;
 pub mod host;
+pub mod reflink;
 pub mod registry;
 pub mod service;
 pub mod size;

@@ -38,7 +38,7 @@ impl ThinDriver {
 }
 
 /// Make sure `path` is (or can become) an empty, writable directory; returns whether we created it.
-fn prepare_dir(path: &Path) -> Result<bool> {
+pub(crate) fn prepare_dir(path: &Path) -> Result<bool> {
     let not_writable =
         |e: std::io::Error| SrError::PathNotWritable(path.to_path_buf(), io_reason(&e));
     let existed = match fs::metadata(path) {
@@ -76,7 +76,7 @@ fn prepare_dir(path: &Path) -> Result<bool> {
 }
 
 /// A short reason for an I/O error, without the "(os error N)" suffix.
-fn io_reason(e: &std::io::Error) -> String {
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error") {
         Some(i) => s[..i].to_string(),
@@ -101,6 +101,7 @@ impl SrDriver for ThinDriver {
             digest: true,
             check: true,
             gc: true,
+            offloaded_snapshots: false,
         }
     }
 

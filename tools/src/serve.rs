@@ -21,6 +21,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use shale_block::uring::{IoEngine, IoEngineConfig};
 use shale_sr::export::{NbdFrontend, NbdOptions};
+use shale_sr::reflink::ReflinkDriver;
 use shale_sr::service::ShaleService;
 use shale_sr::thin::ThinDriver;
 use shale_sr::{Host, SrDriver};
@@ -123,7 +124,10 @@ pub async fn run(state_dir: PathBuf, socket: PathBuf, nbd: NbdOptions) -> Result
     let _lock = StateLock::acquire(&state_dir)?;
 
     let io = IoEngine::new(IoEngineConfig::default()).context("cannot start the I/O engine")?;
-    let drivers: Vec<Arc<dyn SrDriver>> = vec![Arc::new(ThinDriver::new(io))];
+    let drivers: Vec<Arc<dyn SrDriver>> = vec![
+        Arc::new(ThinDriver::new(io.clone())),
+        Arc::new(ReflinkDriver::new(io)),
+    ];
     let host = Arc::new(Host::open(&state_dir, drivers).await?);
     let vms = crate::vms::VmManager::open(host.clone())?;
 
