@@ -406,7 +406,7 @@ impl Write for StdoutTee {
 /// power-off or reset, 124 on `--timeout`, 130 on Ctrl-C, 1 (with an error) when the VM fails.
 async fn run_foreground(a: RunArgs) -> Result<u8> {
     let s = &a.shape;
-    if s.memory < (16 << 20) || s.memory % 4096 != 0 {
+    if s.memory < (16 << 20) || !s.memory.is_multiple_of(4096) {
         bail!(
             "invalid memory size {}: must be a multiple of 4K and at least 16M",
             format_size(s.memory)

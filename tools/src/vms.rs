@@ -369,7 +369,7 @@ impl VmManager {
     pub async fn create(&self, req: proto::VmCreateRequest) -> Result<proto::Vm> {
         let name = req.name.trim().to_string();
         validate_name(&name)?;
-        if req.memory < MIN_MEMORY || req.memory > MAX_MEMORY || req.memory % 4096 != 0 {
+        if req.memory < MIN_MEMORY || req.memory > MAX_MEMORY || !req.memory.is_multiple_of(4096) {
             return Err(VmError::InvalidArgument(format!(
                 "invalid memory size {} bytes: must be a multiple of 4K between 16M and 1T",
                 req.memory
