@@ -7,14 +7,21 @@
 #   qemu-qcow2     qemu-nbd on a fully allocated qcow2 copy of it
 #   qemu-qcow2-snap qemu-nbd on a qcow2 overlay whose backing file is that qcow2 (i.e. writes after a snapshot;
 #                  the overlay is recreated before every job so each job starts right after the snapshot)
-#   extra targets  any NBD URI given with --uri NAME=URI (e.g. a native thin VDI exported by `shale serve`)
+#   shale-thin     a throwaway `shale serve` daemon exporting a native thin VDI of the same size (filled first, no
+#                  snapshot: head-owned clusters are overwritten in place), over its NBD Unix socket
+#   shale-thin-snap the same daemon, a second filled thin VDI that gets a fresh snapshot before every job (so writes
+#                  take the redirect-on-write path, like qemu-qcow2-snap's first writes to each cluster)
+#   extra targets  any NBD URI given with --uri NAME=URI
 # and, as the machine's limit, fio io_uring with O_DIRECT on the raw file itself (no NBD).
-# Every result is printed with its ratio to qemu-raw (and, for writes, to qemu-qcow2-snap).
+# Every result is printed with its ratio to qemu-raw, to qemu-qcow2, and (for writes) to qemu-qcow2-snap.
+# Targets (issue 3): Shale >= 1.2x qemu-raw on every row; shale-thin-snap >= 2x qemu-qcow2-snap on writes.
 #
 # Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--dir DIR] [--jobs "randread randwrite seqread seqwrite"]
-#                                 [--uri NAME=URI]... [--only "shale qemu-raw ..."] [--shale-bin PATH] [--keep]
+#                                 [--uri NAME=URI]... [--only "shale shale-thin qemu-raw ..."] [--shale-bin PATH]
+#                                 [--shale-cli PATH] [--keep]
 #
-# Needs: cargo (unless --shale-bin), fio with the nbd engine, qemu-img, qemu-nbd, python3.
+# Needs: cargo (unless --shale-bin and --shale-cli), fio with the nbd engine, qemu-img, qemu-nbd, python3.
+# Binaries are the dev-profile builds (the data-path crates are optimised there; see Cargo.toml).
 set -euo pipefail
 
 SIZE=2G
@@ -24,6 +31,7 @@ JOBS="randread randwrite seqread seqwrite"
 EXTRA=()
 ONLY=""
 SHALE_BIN=""
+SHALE_CLI=""
 KEEP=0
 
 while [[ $# -gt 0 ]]; do
@@ -35,8 +43,9 @@ while [[ $# -gt 0 ]]; do
         --uri) EXTRA+=("$2"); shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --shale-bin) SHALE_BIN="$2"; shift 2 ;;
+        --shale-cli) SHALE_CLI="$2"; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -49,20 +58,27 @@ done
 
 wanted() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
 
-if [[ -z "$SHALE_BIN" ]]; then
-    echo "# building nbd-serve (release)" >&2
-    (cd "$REPO" && cargo build --release -q -p shale-block --example nbd-serve)
-    SHALE_BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/examples/nbd-serve"
+if [[ -z "$SHALE_BIN" ]] && wanted shale; then
+    echo "# building nbd-serve" >&2
+    (cd "$REPO" && cargo build -q -p shale-block --example nbd-serve)
+    SHALE_BIN="${CARGO_TARGET_DIR:-$REPO/target}/debug/examples/nbd-serve"
+fi
+if [[ -z "$SHALE_CLI" ]] && { wanted shale-thin || wanted shale-thin-snap; }; then
+    echo "# building shale" >&2
+    (cd "$REPO" && cargo build -q -p shale --bin shale)
+    SHALE_CLI="${CARGO_TARGET_DIR:-$REPO/target}/debug/shale"
 fi
 
 mkdir -p "$DIR"
 RAW="$DIR/base.raw"
 QCOW="$DIR/base.qcow2"
 SNAP="$DIR/snap.qcow2"
+STATE="$DIR/shale-state"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    rm -rf "$STATE"
     if [[ $KEEP -eq 0 ]]; then rm -f "$RAW" "$QCOW" "$SNAP" "$DIR"/*.sock; fi
 }
 trap cleanup EXIT
@@ -136,6 +152,27 @@ run_fio() { # job, then engine args
 
 nbd_fio() { run_fio "$1" --ioengine=nbd --uri="$2"; }
 
+# A throwaway daemon with two filled thin VDIs of $SIZE in its default SR (same filesystem as the raw file).
+THIN_URI=""
+SNAPV_URI=""
+SNAP_N=0
+shale_cli() { "$SHALE_CLI" --socket "$STATE/s.sock" "$@"; }
+if wanted shale-thin || wanted shale-thin-snap; then
+    rm -rf "$STATE"
+    mkdir -p "$STATE"
+    echo "# starting shale serve ($STATE)" >&2
+    start_bg "$STATE/s.sock" "$SHALE_CLI" serve --state-dir "$STATE" --socket "$STATE/s.sock" --no-nbd-tcp
+    for _ in $(seq 100); do shale_cli sr list >/dev/null 2>&1 && break; sleep 0.1; done
+    for v in thin snapvdi; do
+        shale_cli vdi create --name "$v" --size "$SIZE" >/dev/null
+        uri=$(shale_cli --json vdi export "$v" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])')
+        echo "# filling $v ($uri)" >&2
+        fio --name=fill --ioengine=nbd --uri="$uri" --size="$SIZE" --rw=write --bs=1M --iodepth=8 \
+            --randrepeat=0 --refill_buffers --output=/dev/null
+        if [[ $v == thin ]]; then THIN_URI=$uri; else SNAPV_URI=$uri; fi
+    done
+fi
+
 declare -A RES
 TARGETS=()
 add_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]] || TARGETS+=("$1"); }
@@ -168,6 +205,16 @@ for job in $JOBS; do
         RES[qemu-qcow2-snap,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/snap.sock")
         stop_pid "$STARTED_PID"
     fi
+    if wanted shale-thin; then
+        add_target shale-thin
+        RES[shale-thin,$job]=$(nbd_fio "$job" "$THIN_URI")
+    fi
+    if wanted shale-thin-snap; then
+        add_target shale-thin-snap
+        SNAP_N=$((SNAP_N + 1))
+        shale_cli vdi snapshot snapvdi --name "bench-$SNAP_N" >/dev/null
+        RES[shale-thin-snap,$job]=$(nbd_fio "$job" "$SNAPV_URI")
+    fi
     for e in "${EXTRA[@]}"; do
         name="${e%%=*}"; uri="${e#*=}"
         add_target "$name"
@@ -185,18 +232,20 @@ ratio() { # a b
 
 echo
 echo "NBD benchmark: $SIZE backing file, ${RUNTIME}s per job, $(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
-printf '%-10s %-16s %10s %10s %10s %12s\n' job target IOPS MiB/s vs-qemu-raw vs-qcow2-snap
+printf '%-10s %-16s %10s %10s %12s %12s %14s\n' job target IOPS MiB/s vs-qemu-raw vs-qcow2 vs-qcow2-snap
 for job in $JOBS; do
     for t in "${TARGETS[@]}"; do
         v="${RES[$t,$job]:-}"
         [[ -n "$v" ]] || continue
         read -r iops bw <<<"$v"
         base="${RES[qemu-raw,$job]:-}"
+        qcow="${RES[qemu-qcow2,$job]:-}"
         snap="${RES[qemu-qcow2-snap,$job]:-}"
-        r1="-"; r2="-"
+        r1="-"; r2="-"; r3="-"
         metric=1; [[ $job == seq* ]] && metric=2
         if [[ -n "$base" ]]; then r1=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$base")"); fi
+        if [[ -n "$qcow" ]]; then r3=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$qcow")"); fi
         if [[ -n "$snap" && $job == *write ]]; then r2=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$snap")"); fi
-        printf '%-10s %-16s %10s %10s %10s %12s\n' "$job" "$t" "$iops" "$bw" "$r1" "$r2"
+        printf '%-10s %-16s %10s %10s %12s %12s %14s\n' "$job" "$t" "$iops" "$bw" "$r1" "$r3" "$r2"
     done
 done
