@@ -55,7 +55,12 @@ pub struct ServeArgs {
     pub nbd_socket: Option<PathBuf>,
 
     /// NBD TCP listen address; loopback only by default, since NBD has no authentication.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10809", conflicts_with = "no_nbd_tcp")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:10809",
+        conflicts_with = "no_nbd_tcp"
+    )]
     pub nbd_listen: String,
 
     /// Do not listen for NBD on TCP (Unix socket only).

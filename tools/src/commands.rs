@@ -59,11 +59,7 @@ impl Ctx {
     }
 
     /// Print `v` as JSON with `--json`, else as `text` renders it.
-    pub(crate) fn print<T: Serialize>(
-        &self,
-        v: &T,
-        text: impl FnOnce(&T) -> String,
-    ) -> Result<()> {
+    pub(crate) fn print<T: Serialize>(&self, v: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
         if self.json {
             output::json(v)
         } else {
