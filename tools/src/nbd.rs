@@ -127,3 +127,74 @@ fn list_text(r: &proto::NbdListReply) -> String {
     ));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command, VdiCommand};
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut v = vec!["shale", "serve"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v)?.command {
+            Command::Serve(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_listens_on_loopback_and_state_dir_socket_by_default() {
+        let a = serve(&[]).unwrap();
+        let o = serve_options(&a, Path::new("/st"));
+        assert_eq!(o.tcp.as_deref(), Some("127.0.0.1:10809"));
+        assert_eq!(o.unix.as_deref(), Some(Path::new("/st/nbd.sock")));
+    }
+
+    #[test]
+    fn serve_nbd_flags() {
+        let a = serve(&["--nbd-listen", "0.0.0.0:1234", "--nbd-socket", "/x.sock"]).unwrap();
+        let o = serve_options(&a, Path::new("/st"));
+        assert_eq!(o.tcp.as_deref(), Some("0.0.0.0:1234"));
+        assert_eq!(o.unix.as_deref(), Some(Path::new("/x.sock")));
+        let o = serve_options(&serve(&["--no-nbd-tcp"]).unwrap(), Path::new("/st"));
+        assert_eq!(o.tcp, None);
+        assert!(serve(&["--no-nbd-tcp", "--nbd-listen", "127.0.0.1:1"]).is_err());
+    }
+
+    #[test]
+    fn export_and_list_parse() {
+        let c = Cli::try_parse_from(["shale", "vdi", "export", "local/disk"]).unwrap();
+        assert!(
+            matches!(c.command, Command::Vdi(VdiCommand::Export { vdi }) if vdi == "local/disk")
+        );
+        let c = Cli::try_parse_from(["shale", "nbd", "list", "--json"]).unwrap();
+        assert!(c.json && matches!(c.command, Command::Nbd(NbdCommand::List)));
+    }
+
+    #[test]
+    fn list_text_shows_connections() {
+        let r = proto::NbdListReply {
+            listeners: vec!["tcp:127.0.0.1:10809".into()],
+            exports: vec![proto::NbdExport {
+                name: "local/a".into(),
+                description: "vdi a".into(),
+                size: 1 << 20,
+                read_only: false,
+            }],
+            connections: vec![proto::NbdConnection {
+                id: 3,
+                peer: "127.0.0.1:5555".into(),
+                export: "local/a".into(),
+                reads: 7,
+                ..Default::default()
+            }],
+        };
+        let t = list_text(&r);
+        assert!(
+            t.contains("local/a") && t.contains("127.0.0.1:5555") && t.contains("1 MiB"),
+            "{t}"
+        );
+    }
+}
