@@ -164,9 +164,9 @@ impl NbdFrontend {
                 std::fs::remove_file(path)?;
             }
             let l = server.listen_unix(path).await.map_err(|e| {
-                SrError::Io(std::io::Error::new(
-                    e.kind(),
-                    format!("cannot listen for NBD on {}: {e}", path.display()),
+                SrError::FailedPrecondition(format!(
+                    "cannot listen for NBD on {}: {e}",
+                    path.display()
                 ))
             })?;
             unix = Some(l.local_addr().clone());
@@ -174,11 +174,8 @@ impl NbdFrontend {
         let mut tcp = None;
         if let Some(addr) = &opts.tcp {
             let l = server.listen_tcp(addr.as_str()).await.map_err(|e| {
-                SrError::Io(std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot listen for NBD on {addr}: {e} (choose another with --nbd-listen, or --no-nbd-tcp)"
-                    ),
+                SrError::FailedPrecondition(format!(
+                    "cannot listen for NBD on {addr}: {e} (choose another address with --nbd-listen, or --no-nbd-tcp)"
                 ))
             })?;
             tcp = Some(l.local_addr().clone());
