@@ -126,14 +126,25 @@ pub(crate) struct Inner {
     pub gc_lock: tokio::sync::Mutex<()>,
     pub reclaimed: AtomicU64,
     pub closed: AtomicBool,
+    /// Clusters freed by committed but not yet durable batches (discard/zeroing): released for reuse only after
+    /// the next WAL sync, so a crash can never leave a map entry pointing at a cluster that now holds someone
+    /// else's data.
+    pub deferred: Mutex<Vec<u64>>,
+    /// Lookup cache, sharded like the stripes (see `volume::lookup_own`).
+    pub cache: Box<[Mutex<crate::volume::CacheShard>]>,
 }
 
 impl Inner {
     /// The lock stripe guarding (vol, cluster).
     pub fn stripe(&self, vol: u64, cluster: u64) -> &tokio::sync::RwLock<()> {
+        &self.stripes[Self::shard(vol, cluster)]
+    }
+
+    /// Index of the stripe (and cache shard) of (vol, cluster).
+    pub fn shard(vol: u64, cluster: u64) -> usize {
         let h =
             vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ cluster.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-        &self.stripes[(h >> 32) as usize % STRIPES]
+        (h >> 32) as usize % STRIPES
     }
 
     /// Write a batch, synced or not.
@@ -147,6 +158,11 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if !self.deferred.lock().is_empty() {
+            // Freed clusters not yet punched: leave the SR marked unclean so the next open re-zeroes free space.
+            let _ = self.db.flush_wal(true);
+            return;
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         if let Err(e) = self.db.put_opt(CLEAN, b"1", &wo) {
@@ -185,6 +201,11 @@ fn db_options(create: bool) -> Options {
     o.set_max_background_jobs(2);
     o.set_keep_log_file_num(4);
     o.set_max_log_file_size(8 << 20);
+    // Map commits stay in RocksDB's WAL buffer until `flush` (FlushWAL + sync), like qcow2 keeping metadata
+    // updates in memory until flush: an unflushed write may be lost in a crash, a flushed one never is. Synced
+    // writes (control operations, FUA, GC) flush the buffer too, and the log is a prefix: nothing later survives
+    // without everything before it.
+    o.set_manual_wal_flush(true);
     o
 }
 
@@ -388,7 +409,10 @@ impl Engine {
             Self::recover_leaks(&db, high_water, &mut free)?;
             Self::rezero_free_space(&data, high_water, &free, cs)?;
         }
-        db.delete(CLEAN)?;
+        // Durably unclean from now on: a crash before the next clean close must trigger recovery.
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.delete_opt(CLEAN, &wo)?;
         let limit = sb.capacity.map(|c| c / cs);
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
@@ -406,6 +430,10 @@ impl Engine {
             gc_lock: tokio::sync::Mutex::new(()),
             reclaimed: AtomicU64::new(reclaimed),
             closed: AtomicBool::new(false),
+            deferred: Mutex::new(Vec::new()),
+            cache: (0..STRIPES)
+                .map(|_| Mutex::new(Default::default()))
+                .collect(),
         });
         let engine = Engine { inner };
         engine.start_gc_task();
@@ -450,6 +478,8 @@ impl Engine {
     /// Close the SR: stop background GC, wait (up to 10 s) until every other clone of this engine and every volume
     /// handle is gone, then release the metadata store so the SR can be opened again.
     pub async fn close(self) -> Result<()> {
+        // Make pending frees durable and punch them, so the SR can be marked clean.
+        crate::gc::flush(&self.inner).await?;
         self.inner.closed.store(true, Ordering::Release);
         self.inner.gc_wake.notify_one();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -30,6 +30,8 @@ const GC_BATCH: usize = 4096;
 /// Make every acknowledged write durable: data file first, then the metadata WAL, so a committed map entry never
 /// points at data that is not on disk.
 pub(crate) async fn flush(inner: &Arc<Inner>) -> std::result::Result<(), BlockError> {
+    // Frees committed before this point become durable with this WAL sync; release them afterwards.
+    let ready = std::mem::take(&mut *inner.deferred.lock());
     inner
         .io
         .fdatasync(&inner.data)
@@ -40,7 +42,18 @@ pub(crate) async fn flush(inner: &Arc<Inner>) -> std::result::Result<(), BlockEr
         .await
         .map_err(|e| BlockError::Other(format!("flush task: {e}")))?
         .map_err(|e| BlockError::Other(format!("metadata WAL sync: {e}")))?;
+    if !ready.is_empty() {
+        inner.alloc.lock().forget_pending(ready.len() as u64);
+        release_clusters(inner, ready).await;
+    }
     Ok(())
+}
+
+/// Queue clusters freed by a committed (not necessarily durable) batch; they become allocatable after the next
+/// flush (an explicit one, or the background task's within a second).
+pub(crate) fn defer_release(inner: &Inner, clusters: &[u64]) {
+    inner.alloc.lock().add_pending(clusters.len() as u64);
+    inner.deferred.lock().extend_from_slice(clusters);
 }
 
 /// Punch freed clusters out of the data file, then make them allocatable. Called after the batch that freed them
@@ -107,6 +120,11 @@ impl Engine {
                 let Some(inner) = weak.upgrade() else { return };
                 if inner.closed.load(Ordering::Acquire) {
                     return;
+                }
+                if !inner.deferred.lock().is_empty() {
+                    if let Err(e) = flush(&inner).await {
+                        warn!(error = %e, "background flush of freed clusters failed; will retry");
+                    }
                 }
                 let engine = Engine { inner };
                 if let Err(e) = engine.gc_now().await {
@@ -202,7 +220,8 @@ impl Engine {
             let bytes = freed.len() as u64 * inner.cs;
             if n > 0 {
                 b.merge(keys::RECLAIMED, bytes.to_be_bytes());
-                inner.write(b, false)?;
+                // Synced: the clusters are reused right after, so the batch freeing them must be durable first.
+                inner.write(b, true)?;
                 inner.reclaimed.fetch_add(bytes, Ordering::Relaxed);
                 reclaimed += bytes;
                 release_clusters(inner, freed).await;

@@ -85,13 +85,53 @@ impl Drop for Volume {
     }
 }
 
+/// One shard of the lookup cache: (vol, cluster) → results of `lookup_own` at the epochs asked for.
+pub(crate) type CacheShard = std::collections::HashMap<(u64, u64), Vec<(u64, Option<Loc>)>>;
+
+/// Entries per cache shard before the shard is cleared (about a million entries in all).
+const CACHE_SHARD_CAP: usize = 1024;
+
 /// Read one map entry: the newest entry for (vol, cluster) at or below `epoch`, in this volume only.
+///
+/// Cached: a RocksDB iterator per lookup costs several microseconds, a cache hit a hash probe. Correctness rests
+/// on two rules. The caller holds the stripe lock of (vol, cluster) (or of the clone whose parent view this is:
+/// entries visible at a frozen view never change), so a fill cannot interleave with a change of the map; and
+/// every change of a (vol, cluster)'s entries happens under that stripe's exclusive lock and calls
+/// [`invalidate`] before releasing it. GC deletes only entries no live view can see, so it never makes a cached
+/// answer for a live view wrong.
 pub(crate) fn lookup_own(
     inner: &Inner,
     vol: u64,
     cluster: u64,
     epoch: u64,
 ) -> EResult<Option<Loc>> {
+    let shard = &inner.cache[Inner::shard(vol, cluster)];
+    if let Some(v) = shard.lock().get(&(vol, cluster)) {
+        if let Some(&(_, r)) = v.iter().find(|(e, _)| *e == epoch) {
+            return Ok(r);
+        }
+    }
+    let r = lookup_own_db(inner, vol, cluster, epoch)?;
+    let mut g = shard.lock();
+    if g.len() >= CACHE_SHARD_CAP {
+        g.clear();
+    }
+    let v = g.entry((vol, cluster)).or_default();
+    if v.len() >= 4 {
+        v.remove(0);
+    }
+    v.push((epoch, r));
+    Ok(r)
+}
+
+/// Forget cached lookups of (vol, cluster); called under its exclusive stripe lock after changing its entries.
+pub(crate) fn invalidate(inner: &Inner, vol: u64, cluster: u64) {
+    inner.cache[Inner::shard(vol, cluster)]
+        .lock()
+        .remove(&(vol, cluster));
+}
+
+fn lookup_own_db(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<Option<Loc>> {
     let key = keys::map(vol, cluster, epoch);
     let mut ro = rocksdb::ReadOptions::default();
     ro.set_iterate_upper_bound(keys::map(vol, cluster, 0).to_vec());
@@ -244,6 +284,77 @@ impl Volume {
         }
     }
 
+    /// A read spanning several clusters: hold their stripes (in sorted order, so readers holding several cannot
+    /// deadlock; writers hold one stripe at a time), resolve every piece, and issue one I/O per physically
+    /// contiguous run — straight into the caller's buffer when a single run covers the whole request, the common
+    /// case for data written sequentially.
+    async fn read_multi(
+        &self,
+        pieces: &[(u64, u64, u64, u64)],
+        mut buf: IoBuf,
+        epoch: u64,
+    ) -> BResult<IoBuf> {
+        let cs = self.cs();
+        let mut idx: Vec<usize> = pieces
+            .iter()
+            .map(|&(c, ..)| Inner::shard(self.vol.id, c))
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.inner.stripes[i].read().await);
+        }
+        let mut locs = Vec::with_capacity(pieces.len());
+        for &(c, ..) in pieces {
+            let loc = resolve(&self.inner, &self.vol, c, epoch)?;
+            locs.push(
+                loc.filter(|l| l.pcluster != ZERO_CLUSTER)
+                    .map(|l| l.pcluster),
+            );
+        }
+        // Group consecutive pieces into runs of consecutive physical clusters; each hole is a run of its own.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, loc) in locs.iter().enumerate() {
+            match (runs.last_mut(), loc) {
+                (Some((_, end)), Some(p)) if locs[*end].is_some_and(|q| q + 1 == *p) => *end = i,
+                _ => runs.push((i, i)),
+            }
+        }
+        if let ([_], Some(p0)) = (runs.as_slice(), locs[0]) {
+            let at = p0 * cs + pieces[0].1;
+            let (r, out) = self.inner.io.read_at(&self.inner.data, at, buf).await;
+            r.map_err(BlockError::from_io)?;
+            drop(guards);
+            return Ok(out);
+        }
+        let run_len = |i: usize, j: usize| -> u64 { pieces[i..=j].iter().map(|p| p.2).sum() };
+        let reads = runs.iter().filter_map(|&(i, j)| {
+            let at = locs[i]? * cs + pieces[i].1;
+            let len = run_len(i, j) as usize;
+            Some(async move {
+                let (r, b) = self
+                    .inner
+                    .io
+                    .read_at(&self.inner.data, at, IoBuf::zeroed(len))
+                    .await;
+                r.map(|()| (pieces[i].3 as usize, b))
+                    .map_err(BlockError::from_io)
+            })
+        });
+        let parts = try_join_all(reads).await?;
+        drop(guards);
+        let out = buf.as_mut_slice();
+        for &(i, j) in runs.iter().filter(|&&(i, _)| locs[i].is_none()) {
+            let start = pieces[i].3 as usize;
+            out[start..start + run_len(i, j) as usize].fill(0);
+        }
+        for (at, part) in parts {
+            out[at..at + part.len()].copy_from_slice(&part);
+        }
+        Ok(buf)
+    }
+
     /// Write one piece (within one cluster) of the head.
     async fn write_piece(&self, c: u64, in_off: u64, data: IoBuf, fua: bool) -> BResult<()> {
         let stripe = self.inner.stripe(self.vol.id, c);
@@ -312,6 +423,7 @@ impl Volume {
             crate::gc::release_clusters(&self.inner, vec![res.pcluster]).await;
             return Err(e.into());
         }
+        invalidate(&self.inner, self.vol.id, c);
         Ok(())
     }
 
@@ -365,8 +477,9 @@ impl Volume {
             }
         }
         self.inner.write(b, fua)?;
+        invalidate(&self.inner, self.vol.id, c);
         if let Some(p) = freed {
-            crate::gc::release_clusters(&self.inner, vec![p]).await;
+            crate::gc::defer_release(&self.inner, &[p]);
         }
         Ok(())
     }
@@ -471,7 +584,7 @@ impl BlockDevice for Volume {
         }
     }
 
-    async fn read(&self, offset: u64, mut buf: IoBuf) -> BResult<IoBuf> {
+    async fn read(&self, offset: u64, buf: IoBuf) -> BResult<IoBuf> {
         let len = buf.len() as u64;
         check_range(&self.info(), offset, len)?;
         self.check_open()?;
@@ -484,15 +597,7 @@ impl BlockDevice for Volume {
             let (c, in_off, _, _) = pieces[0];
             return self.read_piece(c, in_off, buf, epoch).await;
         }
-        let parts = try_join_all(pieces.iter().map(|&(c, in_off, n, _)| {
-            self.read_piece(c, in_off, IoBuf::zeroed(n as usize), epoch)
-        }))
-        .await?;
-        for ((_, _, n, at), part) in pieces.iter().zip(parts) {
-            let at = *at as usize;
-            buf.as_mut_slice()[at..at + *n as usize].copy_from_slice(&part);
-        }
-        Ok(buf)
+        self.read_multi(&pieces, buf, epoch).await
     }
 
     async fn write(&self, offset: u64, data: IoBuf, flags: WriteFlags) -> BResult<()> {
