@@ -50,6 +50,8 @@ impl Engine {
         let mut views: BTreeSet<(u64, u64)> = BTreeSet::new();
         let mut free: BTreeSet<u64> = BTreeSet::new();
         let mut owner: HashMap<u64, (u64, u64, u64)> = HashMap::new();
+        let mut stored_counts: HashMap<(u64, u64), i64> = HashMap::new();
+        let mut actual_counts: HashMap<(u64, u64), i64> = HashMap::new();
         let high_water = db
             .get(keys::HIGH_WATER)?
             .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
@@ -92,6 +94,12 @@ impl Engine {
                         views.insert((vol, e));
                     }
                 }
+                Some(keys::prefix::COUNT) => {
+                    if let (Some(vol), Some(e)) = (keys::u64_at(&k, 1), keys::u64_at(&k, 9)) {
+                        let n = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0) as i64;
+                        stored_counts.insert((vol, e), n);
+                    }
+                }
                 Some(keys::prefix::FREE) => {
                     if let Some(p) = keys::u64_at(&k, 1) {
                         free.insert(p);
@@ -114,6 +122,7 @@ impl Engine {
                         Some(ZERO_CLUSTER) => rep.zero_entries += 1,
                         Some(p) => {
                             rep.mapped_clusters += 1;
+                            *actual_counts.entry((vol, e)).or_default() += 1;
                             if p >= high_water {
                                 rep.problems.push(format!("map entry vol {vol} cluster {c} epoch {e} points at {p}, beyond the high-water mark {high_water}"));
                             }
@@ -131,6 +140,18 @@ impl Engine {
                     }
                 }
                 _ => {}
+            }
+        }
+        for key in stored_counts.keys().chain(actual_counts.keys()) {
+            let (stored, actual) = (
+                stored_counts.get(key).copied().unwrap_or(0),
+                actual_counts.get(key).copied().unwrap_or(0),
+            );
+            if stored != actual {
+                rep.problems.push(format!(
+                    "volume {} epoch {}: cluster count says {stored}, the map holds {actual}",
+                    key.0, key.1
+                ));
             }
         }
         for (p, who) in &owner {

@@ -33,7 +33,7 @@ use crate::state::{State, VolState};
 use crate::volume::Volume;
 
 /// Key recording that the SR was closed cleanly (no leak scan needed at the next open).
-const CLEAN: &[u8] = b"c";
+const CLEAN: &[u8] = b"c"; // (a one-byte key; prefixes of multi-byte keys avoid "c")
 /// Key of the next volume id.
 const NEXT_VOL: &[u8] = b"N";
 /// Number of per-cluster lock stripes.
@@ -91,7 +91,9 @@ pub struct ObjectInfo {
     pub kind: ObjectKind,
     /// Virtual size in bytes.
     pub size: u64,
-    /// Bytes of clusters this object's view maps in its own volume.
+    /// Data bytes this object holds, from counters kept with every map change (O(1)): for a VDI, everything in
+    /// its volume (its own data and what it keeps for its snapshots); for a snapshot, its delta — the data
+    /// written between the previous snapshot and it (like one member of a VHD chain).
     pub allocated_bytes: u64,
     /// For a VDI: the snapshot it was cloned or reverted from.
     pub parent: Option<Uuid>,
@@ -354,6 +356,16 @@ impl Engine {
             };
             views.entry(vol).or_default().insert(ep);
         }
+        let mut counts: std::collections::HashMap<u64, std::collections::BTreeMap<u64, i64>> =
+            Default::default();
+        for r in prefix_scan(&db, keys::prefix::COUNT) {
+            let (k, v) = r?;
+            let (Some(vol), Some(ep)) = (keys::u64_at(&k, 1), keys::u64_at(&k, 9)) else {
+                return Err(EngineError::Corrupt("malformed count key".into()));
+            };
+            let n = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0) as i64;
+            counts.entry(vol).or_default().insert(ep, n);
+        }
         for v in vols {
             let parent_state = match v.parent {
                 Some(p) => Some(st.volumes.get(&p.vol).cloned().ok_or_else(|| {
@@ -374,6 +386,7 @@ impl Engine {
                 head: Mutex::new(v.head),
                 head_size: AtomicU64::new(head_size),
                 views: Mutex::new(views.remove(&v.id).unwrap_or_default()),
+                counts: Mutex::new(counts.remove(&v.id).unwrap_or_default()),
                 barrier: tokio::sync::RwLock::new(()),
                 head_closed: AtomicBool::new(v.head.is_none()),
             };
@@ -615,13 +628,7 @@ impl Engine {
             let vol = st.volumes.get(&rec.vol).cloned();
             (rec, snapshots, clones, vol)
         };
-        let allocated_bytes = match vol {
-            Some(v) => {
-                let e = rec.epoch.unwrap_or_else(|| v.epoch());
-                self.count_owned(v.id, e)? * self.inner.cs
-            }
-            None => 0,
-        };
+        let allocated_bytes = vol.map(|v| v.count(rec.epoch)).unwrap_or(0) * self.inner.cs;
         Ok(ObjectInfo {
             uuid: rec.uuid,
             name: rec.name,
@@ -636,39 +643,6 @@ impl Engine {
             read_only: rec.kind == ObjectKind::Snapshot,
             created: rec.created,
         })
-    }
-
-    /// Clusters with data that the view (vol, epoch) maps in its own volume.
-    fn count_owned(&self, vol: u64, epoch: u64) -> Result<u64> {
-        let db = &self.inner.db;
-        let mut it = db.raw_iterator();
-        let end = keys::map(vol + 1, 0, u64::MAX);
-        it.seek(keys::map(vol, 0, epoch));
-        let mut n = 0;
-        while it.valid() {
-            let Some(k) = it.key() else { break };
-            if k >= &end[..] {
-                break;
-            }
-            let Some((_, c, e)) = keys::parse_map(k) else {
-                break;
-            };
-            if e > epoch {
-                it.seek(keys::map(vol, c, epoch));
-                continue;
-            }
-            if let Some(p) = it.value().and_then(|v| keys::parse_map_value(k, v)) {
-                if p != keys::ZERO_CLUSTER {
-                    n += 1;
-                }
-            }
-            match c.checked_add(1) {
-                Some(c1) => it.seek(keys::map(vol, c1, epoch)),
-                None => break,
-            }
-        }
-        it.status()?;
-        Ok(n)
     }
 
     fn object(&self, id: Uuid) -> Result<ObjectRecord> {
@@ -739,6 +713,7 @@ impl Engine {
             head: Mutex::new(Some(head)),
             head_size: AtomicU64::new(head_size),
             views: Mutex::new(BTreeSet::new()),
+            counts: Mutex::new(Default::default()),
             barrier: tokio::sync::RwLock::new(()),
             head_closed: AtomicBool::new(false),
         }))

@@ -175,6 +175,7 @@ impl Engine {
         loop {
             let mut b = WriteBatch::default();
             let mut freed = Vec::new();
+            let mut deltas: std::collections::BTreeMap<u64, i64> = Default::default();
             let mut n = 0usize;
             let mut next_start = None;
             {
@@ -209,6 +210,7 @@ impl Engine {
                         if p != ZERO_CLUSTER {
                             b.put(keys::free(p), []);
                             freed.push(p);
+                            *deltas.entry(e).or_default() -= 1;
                         }
                         n += 1;
                     }
@@ -220,9 +222,15 @@ impl Engine {
             let bytes = freed.len() as u64 * inner.cs;
             if n > 0 {
                 b.merge(keys::RECLAIMED, bytes.to_be_bytes());
+                for (&e, &d) in &deltas {
+                    b.merge(keys::count(vol, e), keys::delta(d));
+                }
                 // Synced: the clusters are reused right after, so the batch freeing them must be durable first.
                 inner.write(b, true)?;
                 inner.reclaimed.fetch_add(bytes, Ordering::Relaxed);
+                for (e, d) in deltas {
+                    vs.add_count(e, d);
+                }
                 reclaimed += bytes;
                 release_clusters(inner, freed).await;
             }
@@ -236,6 +244,9 @@ impl Engine {
         let mut cascade = None;
         if dead {
             b.delete(keys::volume(vol));
+            for &e in vs.counts.lock().keys() {
+                b.delete(keys::count(vol, e));
+            }
             // A hidden snapshot this volume was the last clone of goes too.
             if let Some(p) = vs.parent {
                 let st = inner.state.read();

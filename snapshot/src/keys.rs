@@ -14,6 +14,7 @@
 //! | `a` | u64 (merge: max) | allocator high-water mark (clusters ever used) |
 //! | `g` vol | – | the volume needs garbage collection |
 //! | `t` | u64 (merge: add) | bytes reclaimed by GC over the SR's life |
+//! | `k` vol epoch | u64 (merge: add, two's complement) | data clusters mapped at that (volume, epoch) |
 //!
 //! Map keys store the epoch inverted (`!epoch`), so for one (volume, cluster) the newest entry sorts first and
 //! "the newest entry with epoch <= E" is a single seek to `m vol cluster !E`. That is what keeps reads O(1) in
@@ -44,6 +45,8 @@ pub mod prefix {
     pub const FREE: u8 = b'f';
     /// Pending GC.
     pub const GC: u8 = b'g';
+    /// Cluster counts per (volume, epoch).
+    pub const COUNT: u8 = b'k';
 }
 
 /// Length of a map key.
@@ -108,6 +111,16 @@ pub fn parse_map(k: &[u8]) -> Option<(u64, u64, u64)> {
 /// Key of a free-cluster entry.
 pub fn free(pcluster: u64) -> Vec<u8> {
     with_u64s(prefix::FREE, &[pcluster])
+}
+
+/// Key of the cluster count of (volume, epoch).
+pub fn count(vol: u64, epoch: u64) -> Vec<u8> {
+    with_u64s(prefix::COUNT, &[vol, epoch])
+}
+
+/// A signed delta as a merge operand for a count key (added with wrapping arithmetic).
+pub fn delta(d: i64) -> [u8; 8] {
+    (d as u64).to_be_bytes()
 }
 
 /// Key of a pending-GC marker.

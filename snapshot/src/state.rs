@@ -30,6 +30,8 @@ pub struct VolState {
     pub head_size: AtomicU64,
     /// Epochs of live snapshot views (including hidden snapshots that clones still read through).
     pub views: Mutex<BTreeSet<u64>>,
+    /// Data clusters mapped per epoch of this volume (mirrors the `c` keys; kept in the same batches).
+    pub counts: Mutex<std::collections::BTreeMap<u64, i64>>,
     /// Write barrier: data-path mutations hold it shared, snapshot/destroy take it exclusively to drain them.
     pub barrier: tokio::sync::RwLock<()>,
     /// Set when the head is gone (destroyed or reverted away); head handles then fail with `Shutdown`.
@@ -46,6 +48,21 @@ impl VolState {
     /// cluster at or below `head_epoch`: then the head owns it and may overwrite it in place.
     pub fn head_owns(&self, e: u64, head_epoch: u64) -> bool {
         e == head_epoch || self.views.lock().range(e..head_epoch).next().is_none()
+    }
+
+    /// Apply a committed count change.
+    pub fn add_count(&self, epoch: u64, d: i64) {
+        *self.counts.lock().entry(epoch).or_default() += d;
+    }
+
+    /// Data clusters mapped at exactly `epoch`, or in all epochs.
+    pub fn count(&self, epoch: Option<u64>) -> u64 {
+        let c = self.counts.lock();
+        let n: i64 = match epoch {
+            Some(e) => c.get(&e).copied().unwrap_or(0),
+            None => c.values().sum(),
+        };
+        n.max(0) as u64
     }
 
     /// Sorted views for GC: live snapshot epochs plus the head epoch if the head exists.

@@ -418,12 +418,14 @@ impl Volume {
         let key = keys::map(self.vol.id, c, epoch);
         let mut b = WriteBatch::default();
         b.put(key, keys::map_value(&key, res.pcluster));
+        b.merge(keys::count(self.vol.id, epoch), keys::delta(1));
         res.commit_into(&mut b);
         if let Err(e) = self.inner.write(b, fua) {
             crate::gc::release_clusters(&self.inner, vec![res.pcluster]).await;
             return Err(e.into());
         }
         invalidate(&self.inner, self.vol.id, c);
+        self.vol.add_count(epoch, 1);
         Ok(())
     }
 
@@ -461,7 +463,8 @@ impl Volume {
                     b.delete(key);
                 }
                 b.put(keys::free(loc.pcluster), []);
-                freed = Some(loc.pcluster);
+                b.merge(keys::count(self.vol.id, loc.epoch), keys::delta(-1));
+                freed = Some((loc.pcluster, loc.epoch));
             }
             Some(loc) if loc.pcluster == ZERO_CLUSTER => return Ok(()),
             Some(_) => {
@@ -478,7 +481,8 @@ impl Volume {
         }
         self.inner.write(b, fua)?;
         invalidate(&self.inner, self.vol.id, c);
-        if let Some(p) = freed {
+        if let Some((p, e)) = freed {
+            self.vol.add_count(e, -1);
             crate::gc::defer_release(&self.inner, &[p]);
         }
         Ok(())
