@@ -36,6 +36,8 @@ use crate::volume::Volume;
 const CLEAN: &[u8] = b"c"; // (a one-byte key; prefixes of multi-byte keys avoid "c")
 /// Key of the next volume id.
 const NEXT_VOL: &[u8] = b"N";
+/// How far ahead of the allocator the data file is grown.
+const PREALLOC_STEP: u64 = 64 << 20;
 /// Number of per-cluster lock stripes.
 const STRIPES: usize = 1024;
 /// Largest VDI: keeps byte offsets and cluster numbers far from overflow.
@@ -134,6 +136,10 @@ pub(crate) struct Inner {
     pub deferred: Mutex<Vec<u64>>,
     /// Lookup cache, sharded like the stripes (see `volume::lookup_own`).
     pub cache: Box<[Mutex<crate::volume::CacheShard>]>,
+    /// Bytes of the data file already allocated (its size); grown ahead of the allocator (see `ensure_allocated`).
+    pub file_end: AtomicU64,
+    /// Serialises growing the data file.
+    pub grow: tokio::sync::Mutex<()>,
 }
 
 impl Inner {
@@ -147,6 +153,33 @@ impl Inner {
         let h =
             vol.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ cluster.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
         (h >> 32) as usize % STRIPES
+    }
+
+    /// Make sure the data file covers `end` bytes, growing it ahead in large steps with fallocate.
+    ///
+    /// O_DIRECT writes past the end of a file are serialised by the filesystem (ext4 takes the inode lock
+    /// exclusively and io_uring falls back to its worker threads), so new clusters would queue behind each other.
+    /// Preallocated space reads as zeroes, which keeps the allocator's invariant; recovery truncates the file back
+    /// to the high-water mark. Failure (e.g. a full filesystem) is not an error: the write then extends the file.
+    pub async fn ensure_allocated(&self, end: u64) {
+        if self.file_end.load(Ordering::Acquire) >= end {
+            return;
+        }
+        let _g = self.grow.lock().await;
+        let cur = self.file_end.load(Ordering::Acquire);
+        if cur >= end {
+            return;
+        }
+        let mut target = end.max(cur) + PREALLOC_STEP;
+        if let Some(cap) = self.sb.capacity {
+            target = target.min(cap.div_ceil(self.cs) * self.cs).max(end);
+        }
+        match self.io.fallocate(&self.data, 0, cur, target - cur).await {
+            Ok(()) => self.file_end.store(target, Ordering::Release),
+            Err(e) => {
+                debug!(error = %e, "could not preallocate the data file; writes will extend it")
+            }
+        }
     }
 
     /// Write a batch, synced or not.
@@ -427,6 +460,7 @@ impl Engine {
         wo.set_sync(true);
         db.delete_opt(CLEAN, &wo)?;
         let limit = sb.capacity.map(|c| c / cs);
+        let file_len = data.metadata()?.len();
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             db,
@@ -444,6 +478,8 @@ impl Engine {
             reclaimed: AtomicU64::new(reclaimed),
             closed: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
+            file_end: AtomicU64::new(file_len),
+            grow: tokio::sync::Mutex::new(()),
             cache: (0..STRIPES)
                 .map(|_| Mutex::new(Default::default()))
                 .collect(),

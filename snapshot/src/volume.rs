@@ -387,6 +387,7 @@ impl Volume {
             .lock()
             .reserve()
             .ok_or(BlockError::NoSpace)?;
+        self.inner.ensure_allocated((res.pcluster + 1) * cs).await;
         // Every cluster the allocator hands out reads as zeroes (see `alloc`), so a partial write with nothing
         // beneath writes only its own bytes; otherwise the old contents are merged into a full cluster.
         let (at, buf) = if in_off == 0 && data.len() as u64 == cs || base_data.is_none() {
