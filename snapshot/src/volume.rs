@@ -535,29 +535,6 @@ impl Volume {
         Ok(())
     }
 
-    /// Indices (offset / `chunk`) of the chunks in [start, end) that map any data cluster in this view.
-    pub(crate) fn chunks_with_data(
-        &self,
-        start: u64,
-        end: u64,
-        chunk: u64,
-    ) -> EResult<std::collections::BTreeSet<u64>> {
-        let first = start >> self.inner.shift;
-        let last = end.div_ceil(self.cs());
-        let mapped =
-            crate::digest::mapped_clusters(&self.inner, &self.vol, self.epoch_now(), first, last)?;
-        let mut out = std::collections::BTreeSet::new();
-        for (c, p) in mapped {
-            if p != ZERO_CLUSTER {
-                let (s, e) = (c * self.cs(), (c + 1) * self.cs());
-                for i in s / chunk..e.div_ceil(chunk) {
-                    out.insert(i);
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Used by shrink: make everything in [new_size, old_size) read as zeroes.
     pub(crate) async fn zero_beyond(&self, new_size: u64, old_size: u64) -> EResult<()> {
         let _b = self.vol.barrier.read().await;
