@@ -9,6 +9,8 @@
 //! - [`error`]: the crate's error enum, and the single place where errors become NBD errno values and
 //!   virtio-blk status bytes.
 //! - [`uring`]: the io_uring engine (`IoEngine`) on dedicated threads.
+//! - [`iothread`]: I/O threads — single-threaded runtimes with their own ring, so a front end's request is served
+//!   start to finish on one thread (`local_ring` is the per-thread ring they drive).
 //! - [`file`]: a raw file or block device as a `BlockDevice`, on the io_uring engine.
 //! - [`semantics`]: how front-end commands (NBD, virtio-blk) map onto `BlockDevice` calls, shared so flush, FUA,
 //!   discard and write-zeroes behave the same on every front.
@@ -18,6 +20,8 @@ pub mod buf;
 pub mod device;
 pub mod error;
 pub mod file;
+pub mod iothread;
+mod local_ring;
 pub mod nbd;
 pub mod semantics;
 pub mod uring;
@@ -25,3 +29,4 @@ pub mod uring;
 pub use buf::IoBuf;
 pub use device::{BlockDevice, DeviceInfo, Extent, ExtentKind, WriteFlags};
 pub use error::{BlockError, Result};
+pub use iothread::IoThreads;

@@ -119,17 +119,17 @@ enum OpKind {
 }
 
 /// Result handed back to the caller: the outcome and, for reads/writes, its buffer.
-type Reply = (io::Result<()>, Option<IoBuf>);
+pub(crate) type Reply = (io::Result<()>, Option<IoBuf>);
 
 /// One request in the engine.
-struct Op {
+pub(crate) struct Op {
     file: Arc<File>,
     kind: OpKind,
     reply: oneshot::Sender<Reply>,
 }
 
 impl Op {
-    fn finish(self, res: io::Result<()>) {
+    pub(crate) fn finish(self, res: io::Result<()>) {
         let buf = match self.kind {
             OpKind::Read { buf, .. } | OpKind::Write { buf, .. } => Some(buf),
             OpKind::Fdatasync | OpKind::Fallocate { .. } => None,
@@ -373,6 +373,11 @@ impl IoEngine {
     fn enqueue(&self, op: Op) -> Result<(), Op> {
         match &self.inner.backend {
             Backend::Uring(rings) => {
+                // On an I/O thread the op goes to that thread's own ring: no handoff (see `local_ring`).
+                let op = match crate::local_ring::try_push(op) {
+                    Ok(()) => return Ok(()),
+                    Err(op) => op,
+                };
                 let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % rings.len();
                 let ring = &rings[i];
                 let mut q = ring.queue.lock();
@@ -403,7 +408,7 @@ impl IoEngine {
     }
 }
 
-fn stopped() -> io::Error {
+pub(crate) fn stopped() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "I/O engine thread has stopped")
 }
 
@@ -483,14 +488,23 @@ fn build_ring(depth: u32) -> io::Result<IoUring> {
 }
 
 /// Ops the kernel currently owns, indexed by `user_data`.
-struct InFlight {
+#[derive(Default)]
+pub(crate) struct InFlight {
     slots: Vec<Option<Op>>,
     free: Vec<usize>,
     len: usize,
 }
 
 impl InFlight {
-    fn insert(&mut self, op: Op) -> usize {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut Op> {
+        self.slots.get_mut(i)?.as_mut()
+    }
+
+    pub(crate) fn insert(&mut self, op: Op) -> usize {
         self.len += 1;
         match self.free.pop() {
             Some(i) => {
@@ -504,7 +518,7 @@ impl InFlight {
         }
     }
 
-    fn remove(&mut self, i: usize) -> Option<Op> {
+    pub(crate) fn remove(&mut self, i: usize) -> Option<Op> {
         let op = self.slots.get_mut(i)?.take()?;
         self.free.push(i);
         self.len -= 1;
@@ -661,7 +675,7 @@ impl RingThread {
 }
 
 /// Build the submission entry for the next step of `op` (the part not yet done).
-fn sqe_for(op: &mut Op) -> squeue::Entry {
+pub(crate) fn sqe_for(op: &mut Op) -> squeue::Entry {
     let fd = types::Fd(op.file.as_raw_fd());
     match &mut op.kind {
         OpKind::Read { offset, buf, done } => {
@@ -697,7 +711,7 @@ fn sqe_for(op: &mut Op) -> squeue::Entry {
 
 /// Apply one completion result (`res` as the kernel returns it) to `op`. Returns the op if more work remains;
 /// otherwise replies to the caller.
-fn complete(mut op: Op, res: i32) -> Option<Op> {
+pub(crate) fn complete(mut op: Op, res: i32) -> Option<Op> {
     if res < 0 {
         if matches!(-res, libc::EINTR | libc::EAGAIN) {
             return Some(op);

@@ -85,8 +85,9 @@ impl Drop for Volume {
     }
 }
 
-/// One shard of the lookup cache: (vol, cluster) → results of `lookup_own` at the epochs asked for.
-pub(crate) type CacheShard = std::collections::HashMap<(u64, u64), Vec<(u64, Option<Loc>)>>;
+/// One shard of the lookup cache: (vol, cluster) → results of `lookup_own` at the epochs asked for. Keyed with
+/// FxHash: the keys are our own integers (no hash-flooding exposure), and SipHash showed up in NBD read profiles.
+pub(crate) type CacheShard = rustc_hash::FxHashMap<(u64, u64), Vec<(u64, Option<Loc>)>>;
 
 /// Entries per cache shard before the shard is cleared (about a million entries in all).
 const CACHE_SHARD_CAP: usize = 1024;

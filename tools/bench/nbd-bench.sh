@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NBD benchmark: one run, one machine, one backing file.
 #
-# Measures 4k random read/write at QD32 and 1M sequential read/write at QD8 through fio's nbd engine for
+# Measures 4k random read/write at QD32 and 1M sequential read/write at QD8 through fio's nbd engine (and the 4k
+# jobs again over two connections, `-2c`: two fio jobs of QD32 each, as multi-conn clients do) for
 #   shale          Shale's NBD server (block-backend/examples/nbd-serve.rs) exporting the raw file (FileDevice)
 #   qemu-raw       qemu-nbd on the same raw file (cache=none, aio=io_uring)
 #   qemu-qcow2     qemu-nbd on a fully allocated qcow2 copy of it
@@ -13,10 +14,12 @@
 #                  take the redirect-on-write path, like qemu-qcow2-snap's first writes to each cluster)
 #   extra targets  any NBD URI given with --uri NAME=URI
 # and, as the machine's limit, fio io_uring with O_DIRECT on the raw file itself (no NBD).
-# Every result is printed with its ratio to qemu-raw, to qemu-qcow2, and (for writes) to qemu-qcow2-snap.
+# Every result is printed with its ratio to qemu-raw, to qemu-qcow2, and (for writes) to qemu-qcow2-snap, and with
+# the server's CPU time per I/O (srv-us/IO: the server process's utime+stime over the measured window / I/Os), which
+# on a small machine shared with fio says more about the server than IOPS do.
 # Targets (issue 3): Shale >= 1.2x qemu-raw on every row; shale-thin-snap >= 2x qemu-qcow2-snap on writes.
 #
-# Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--dir DIR] [--jobs "randread randwrite seqread seqwrite"]
+# Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--dir DIR] [--jobs "randread randwrite seqread seqwrite randread-2c randwrite-2c"]
 #                                 [--uri NAME=URI]... [--only "shale shale-thin qemu-raw ..."] [--shale-bin PATH]
 #                                 [--shale-cli PATH] [--keep]
 #
@@ -27,7 +30,7 @@ set -euo pipefail
 SIZE=2G
 RUNTIME=10
 DIR="${TMPDIR:-/var/tmp}/shale-nbd-bench"
-JOBS="randread randwrite seqread seqwrite"
+JOBS="randread randwrite seqread seqwrite randread-2c randwrite-2c"
 EXTRA=()
 ONLY=""
 SHALE_BIN=""
@@ -126,6 +129,8 @@ job_args() {
     case "$1" in
         randread) echo "--rw=randread --bs=4k --iodepth=32" ;;
         randwrite) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+        randread-2c) echo "--rw=randread --bs=4k --iodepth=32 --numjobs=2 --group_reporting" ;;
+        randwrite-2c) echo "--rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --group_reporting" ;;
         seqread) echo "--rw=read --bs=1M --iodepth=8" ;;
         seqwrite) echo "--rw=write --bs=1M --iodepth=8" ;;
         *) echo "nbd-bench: unknown job $1" >&2; exit 2 ;;
@@ -143,17 +148,36 @@ bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1048576
 print("%.0f %.1f" % (iops, bw))'
 }
 
-run_fio() { # job, then engine args
-    local job="$1"; shift
+# CPU time (utime+stime, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# Prints "IOPS MiB/s US" where US is the server's CPU microseconds per I/O (process CPU over the measured
+# window divided by IOPS x runtime; "-" without a server PID).
+run_fio() { # job, server pid or "", then engine args
+    local job="$1" pid="$2"; shift 2
+    local out="$DIR/fio-$job.json" t0 t1 res
     # shellcheck disable=SC2046
     fio --name="$job" $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time=1 --size="$SIZE" \
-        --randrepeat=0 --norandommap --output-format=json "$@" | parse
+        --randrepeat=0 --norandommap --output-format=json "$@" >"$out" &
+    local fpid=$!
+    sleep 1 # the ramp, which fio leaves out of its figures
+    [[ -n "$pid" ]] && t0=$(cpu_ticks "$pid")
+    wait "$fpid"
+    [[ -n "$pid" ]] && t1=$(cpu_ticks "$pid")
+    res=$(parse <"$out")
+    if [[ -n "$pid" ]]; then
+        read -r iops _ <<<"$res"
+        echo "$res $("$PY" -c "import os,sys; t=float(sys.argv[1]); n=float(sys.argv[2])*float(sys.argv[3]); print('%.1f' % (t * 1e6 / os.sysconf('SC_CLK_TCK') / n) if n else '-')" "$((t1 - t0))" "$iops" "$RUNTIME")"
+    else
+        echo "$res -"
+    fi
 }
 
-nbd_fio() { run_fio "$1" --ioengine=nbd --uri="$2"; }
+nbd_fio() { run_fio "$1" "${3:-}" --ioengine=nbd --uri="$2"; }
 
 # A throwaway daemon with two filled thin VDIs of $SIZE in its default SR (same filesystem as the raw file).
 THIN_URI=""
+DAEMON_PID=""
 SNAPV_URI=""
 SNAP_N=0
 shale_cli() { "$SHALE_CLI" --socket "$STATE/s.sock" "$@"; }
@@ -162,6 +186,7 @@ if wanted shale-thin || wanted shale-thin-snap; then
     mkdir -p "$STATE"
     echo "# starting shale serve ($STATE)" >&2
     start_bg "$STATE/s.sock" "$SHALE_CLI" serve --state-dir "$STATE" --socket "$STATE/s.sock" --no-nbd-tcp
+    DAEMON_PID=$STARTED_PID
     for _ in $(seq 100); do shale_cli sr list >/dev/null 2>&1 && break; sleep 0.1; done
     for v in thin snapvdi; do
         shale_cli vdi create --name "$v" --size "$SIZE" >/dev/null
@@ -182,19 +207,19 @@ for job in $JOBS; do
     if wanted shale; then
         add_target shale
         start_bg "$DIR/shale.sock" "$SHALE_BIN" "$RAW" --unix "$DIR/shale.sock" --name vol
-        RES[shale,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/shale.sock")
+        RES[shale,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/shale.sock" "$STARTED_PID")
         stop_pid "$STARTED_PID"
     fi
     if wanted qemu-raw; then
         add_target qemu-raw
         qemu_nbd "$DIR/qraw.sock" raw "$RAW"
-        RES[qemu-raw,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qraw.sock")
+        RES[qemu-raw,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qraw.sock" "$STARTED_PID")
         stop_pid "$STARTED_PID"
     fi
     if wanted qemu-qcow2; then
         add_target qemu-qcow2
         qemu_nbd "$DIR/qcow.sock" qcow2 "$QCOW"
-        RES[qemu-qcow2,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qcow.sock")
+        RES[qemu-qcow2,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qcow.sock" "$STARTED_PID")
         stop_pid "$STARTED_PID"
     fi
     if wanted qemu-qcow2-snap; then
@@ -202,18 +227,18 @@ for job in $JOBS; do
         rm -f "$SNAP"
         qemu-img create -q -f qcow2 -b "$QCOW" -F qcow2 "$SNAP"
         qemu_nbd "$DIR/snap.sock" qcow2 "$SNAP"
-        RES[qemu-qcow2-snap,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/snap.sock")
+        RES[qemu-qcow2-snap,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/snap.sock" "$STARTED_PID")
         stop_pid "$STARTED_PID"
     fi
     if wanted shale-thin; then
         add_target shale-thin
-        RES[shale-thin,$job]=$(nbd_fio "$job" "$THIN_URI")
+        RES[shale-thin,$job]=$(nbd_fio "$job" "$THIN_URI" "$DAEMON_PID")
     fi
     if wanted shale-thin-snap; then
         add_target shale-thin-snap
         SNAP_N=$((SNAP_N + 1))
         shale_cli vdi snapshot snapvdi --name "bench-$SNAP_N" >/dev/null
-        RES[shale-thin-snap,$job]=$(nbd_fio "$job" "$SNAPV_URI")
+        RES[shale-thin-snap,$job]=$(nbd_fio "$job" "$SNAPV_URI" "$DAEMON_PID")
     fi
     for e in "${EXTRA[@]}"; do
         name="${e%%=*}"; uri="${e#*=}"
@@ -222,7 +247,7 @@ for job in $JOBS; do
     done
     if wanted fio-direct; then
         add_target fio-direct
-        RES[fio-direct,$job]=$(run_fio "$job" --ioengine=io_uring --direct=1 --filename="$RAW")
+        RES[fio-direct,$job]=$(run_fio "$job" "" --ioengine=io_uring --direct=1 --filename="$RAW")
     fi
 done
 
@@ -232,12 +257,12 @@ ratio() { # a b
 
 echo
 echo "NBD benchmark: $SIZE backing file, ${RUNTIME}s per job, $(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
-printf '%-10s %-16s %10s %10s %12s %12s %14s\n' job target IOPS MiB/s vs-qemu-raw vs-qcow2 vs-qcow2-snap
+printf '%-12s %-16s %10s %10s %9s %12s %12s %14s\n' job target IOPS MiB/s srv-us/IO vs-qemu-raw vs-qcow2 vs-qcow2-snap
 for job in $JOBS; do
     for t in "${TARGETS[@]}"; do
         v="${RES[$t,$job]:-}"
         [[ -n "$v" ]] || continue
-        read -r iops bw <<<"$v"
+        read -r iops bw us <<<"$v"
         base="${RES[qemu-raw,$job]:-}"
         qcow="${RES[qemu-qcow2,$job]:-}"
         snap="${RES[qemu-qcow2-snap,$job]:-}"
@@ -245,7 +270,7 @@ for job in $JOBS; do
         metric=1; [[ $job == seq* ]] && metric=2
         if [[ -n "$base" ]]; then r1=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$base")"); fi
         if [[ -n "$qcow" ]]; then r3=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$qcow")"); fi
-        if [[ -n "$snap" && $job == *write ]]; then r2=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$snap")"); fi
-        printf '%-10s %-16s %10s %10s %12s %12s %14s\n' "$job" "$t" "$iops" "$bw" "$r1" "$r3" "$r2"
+        if [[ -n "$snap" && $job == *write* ]]; then r2=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$snap")"); fi
+        printf '%-12s %-16s %10s %10s %9s %12s %12s %14s\n' "$job" "$t" "$iops" "$bw" "$us" "$r1" "$r3" "$r2"
     done
 done
