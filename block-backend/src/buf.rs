@@ -4,13 +4,64 @@
 //! the memory to stay put until the kernel completes the request, even if the caller's future is dropped. An
 //! owned [`IoBuf`] satisfies both: it is allocated at [`ALIGN`] and moved into the engine for the life of the
 //! request, then handed back.
+//!
+//! # Recycling
+//! Freed buffers of up to [`POOL_MAX_BUF`] go to a small per-thread pool (power-of-two size classes) instead of
+//! back to the allocator. Large aligned allocations come straight from `mmap`, so without the pool every 1 MiB
+//! NBD request paid for 256 page faults, their zeroing and an `munmap` with its TLB flush: about 40 % of the
+//! server's CPU on 1 MiB sequential reads. Pool memory is always initialised (it was zeroed when first
+//! allocated), so handing it out again is sound; [`IoBuf::zeroed`] clears it again, and
+//! [`IoBuf::for_overwrite`] skips that for callers that overwrite every byte anyway.
 
 use std::alloc::{self, Layout};
+use std::cell::RefCell;
 use std::fmt;
 use std::ptr::NonNull;
 
 /// Alignment of every [`IoBuf`]: one page, enough for any logical block size `O_DIRECT` asks for.
 pub const ALIGN: usize = 4096;
+
+/// Largest buffer capacity the per-thread pool keeps.
+pub const POOL_MAX_BUF: usize = 4 << 20;
+/// Bytes of free buffers one thread's pool keeps per size class (but always at least [`POOL_MIN_PER_CLASS`]).
+const POOL_CLASS_BYTES: usize = 8 << 20;
+/// Free buffers kept per size class even when that exceeds [`POOL_CLASS_BYTES`] (a queue depth's worth of 4 MiB
+/// requests).
+const POOL_MIN_PER_CLASS: usize = 8;
+/// Size classes: 4 KiB << i for i in 0..CLASSES, up to POOL_MAX_BUF.
+const CLASSES: usize = (POOL_MAX_BUF / ALIGN).trailing_zeros() as usize + 1;
+
+/// One thread's free buffers, by size class.
+struct Pool {
+    free: [Vec<NonNull<u8>>; CLASSES],
+}
+
+impl Pool {
+    fn class(cap: usize) -> Option<usize> {
+        (cap.is_power_of_two() && (ALIGN..=POOL_MAX_BUF).contains(&cap))
+            .then(|| (cap / ALIGN).trailing_zeros() as usize)
+    }
+
+    fn limit(class: usize) -> usize {
+        (POOL_CLASS_BYTES / (ALIGN << class)).max(POOL_MIN_PER_CLASS)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for (class, list) in self.free.iter_mut().enumerate() {
+            for ptr in list.drain(..) {
+                // SAFETY: every pooled pointer was allocated by `IoBuf` with the layout of its class's capacity,
+                // and the pool owns it exclusively.
+                unsafe { alloc::dealloc(ptr.as_ptr(), IoBuf::layout(ALIGN << class)) }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool { free: Default::default() });
+}
 
 /// An owned, zero-initialised, page-aligned byte buffer with a fixed length.
 pub struct IoBuf {
@@ -25,9 +76,48 @@ unsafe impl Send for IoBuf {}
 unsafe impl Sync for IoBuf {}
 
 impl IoBuf {
-    /// A zero-filled buffer of `len` bytes (the capacity is rounded up to [`ALIGN`]).
+    /// A zero-filled buffer of `len` bytes (the capacity is rounded up to [`ALIGN`], and to a power of two for
+    /// buffers the pool recycles).
     pub fn zeroed(len: usize) -> Self {
+        let (b, fresh) = Self::take(len);
+        if !fresh {
+            // Recycled memory holds earlier contents; clear all of it, so bytes revealed by `set_len` are zero
+            // too. (A fresh allocation is already zero: touching it here would only fault its pages in early.)
+            // SAFETY: ptr is valid for `cap` bytes and we own the buffer exclusively.
+            unsafe { std::ptr::write_bytes(b.ptr.as_ptr(), 0, b.cap) };
+        }
+        b
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified (zero, or whatever an earlier user of the memory
+    /// wrote), for callers that overwrite all of it: socket reads of a write payload, device reads that fill the
+    /// whole buffer. Never exposes another process's memory; within the process, use [`IoBuf::zeroed`] wherever
+    /// bytes might reach a client without being written first.
+    pub fn for_overwrite(len: usize) -> Self {
+        Self::take(len).0
+    }
+
+    /// A recycled buffer for `len` bytes if this thread's pool has one (false), else a fresh zeroed one (true).
+    fn take(len: usize) -> (Self, bool) {
         let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
+        if cap <= POOL_MAX_BUF {
+            let cap = cap.next_power_of_two();
+            if let Some(class) = Pool::class(cap) {
+                let reused = POOL
+                    .try_with(|p| p.borrow_mut().free[class].pop())
+                    .ok()
+                    .flatten();
+                if let Some(ptr) = reused {
+                    return (IoBuf { ptr, len, cap }, false);
+                }
+            }
+            return (Self::alloc(len, cap), true);
+        }
+        (Self::alloc(len, cap), true)
+    }
+
+    /// A fresh zeroed allocation of `cap` bytes.
+    fn alloc(len: usize, cap: usize) -> Self {
         let layout = Self::layout(cap);
         // SAFETY: `layout` has a non-zero size (cap >= ALIGN) and a valid power-of-two alignment.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
@@ -66,7 +156,8 @@ impl IoBuf {
         self.cap
     }
 
-    /// Change the length within the capacity; new bytes keep whatever the buffer held (zero if never written).
+    /// Change the length within the capacity; new bytes keep whatever the buffer held (zero if never written
+    /// since [`IoBuf::zeroed`]; unspecified for [`IoBuf::for_overwrite`] buffers).
     ///
     /// # Panics
     /// If `len` exceeds the capacity: a programming error, never caused by input.
@@ -104,7 +195,26 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `zeroed` with exactly this layout and is freed once.
+        if let Some(class) = Pool::class(self.cap) {
+            let ptr = self.ptr;
+            let kept = POOL
+                .try_with(|p| {
+                    let mut p = p.borrow_mut();
+                    let list = &mut p.free[class];
+                    if list.len() < Pool::limit(class) {
+                        list.push(ptr);
+                        true
+                    } else {
+                        false
+                    }
+                })
+                .unwrap_or(false);
+            if kept {
+                return;
+            }
+        }
+        // SAFETY: ptr was allocated in `alloc` with exactly this layout and is freed once (it did not go to the
+        // pool).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
     }
 }
@@ -147,6 +257,41 @@ mod tests {
             assert!(b.iter().all(|&x| x == 0));
             assert!(b.capacity() >= len && b.capacity().is_multiple_of(ALIGN));
         }
+    }
+
+    /// Recycled buffers come back zeroed from `zeroed` (over their whole capacity), keep their alignment, and
+    /// `for_overwrite` may reuse the memory without clearing it.
+    #[test]
+    fn recycled_buffers() {
+        for len in [4096, 5000, 64 << 10, 1 << 20] {
+            let mut a = IoBuf::zeroed(len);
+            a.as_mut_slice().fill(0xAB);
+            let p = a.as_ptr();
+            drop(a);
+            let mut b = IoBuf::zeroed(len);
+            assert_eq!(b.as_ptr(), p, "same thread, same class: reused");
+            assert!(b.iter().all(|&x| x == 0));
+            let cap = b.capacity();
+            b.set_len(cap);
+            assert!(b.iter().all(|&x| x == 0), "the whole capacity is cleared");
+            b.as_mut_slice().fill(0xCD);
+            drop(b);
+            let c = IoBuf::for_overwrite(len);
+            assert_eq!(c.as_ptr() as usize % ALIGN, 0);
+            assert_eq!(c.len(), len);
+        }
+        // Larger than the pool keeps: freed to the allocator, still correct.
+        let big = IoBuf::zeroed(POOL_MAX_BUF + 1);
+        assert!(big.iter().all(|&x| x == 0));
+    }
+
+    /// The pool is bounded per class: freeing many buffers keeps at most the limit.
+    #[test]
+    fn pool_is_bounded() {
+        let bufs: Vec<IoBuf> = (0..64).map(|_| IoBuf::zeroed(1 << 20)).collect();
+        drop(bufs);
+        let kept = POOL.with(|p| p.borrow().free[Pool::class(1 << 20).unwrap_or(0)].len());
+        assert_eq!(kept, Pool::limit(Pool::class(1 << 20).unwrap_or(0)));
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //! Why not tokio's multi-threaded runtime alone: its work stealing and the shared ring thread put three
 //! cross-thread wake-ups on every request, and on small virtualised hosts that latency, not CPU, bounded the
 //! NBD server (see `tools/bench/RESULTS-nbd.md`). qemu's iothreads and SPDK's reactors have the same shape.
+//!
+//! Departure from `ARCHITECTURE.md`, which puts io_uring rings on dedicated threads: on an I/O thread the ring is
+//! driven by that thread's runtime instead. Submission there is a non-blocking `io_uring_enter` (no wait), so the
+//! rule behind it — no blocking data syscalls on a runtime thread — still holds. Callers elsewhere (the daemon's
+//! multi-threaded runtime, the VMM's device workers) keep using the dedicated ring threads.
 
 use std::future::Future;
 use std::io;

@@ -337,7 +337,7 @@ impl Volume {
                 let (r, b) = self
                     .inner
                     .io
-                    .read_at(&self.inner.data, at, IoBuf::zeroed(len))
+                    .read_at(&self.inner.data, at, IoBuf::for_overwrite(len))
                     .await;
                 r.map(|()| (pieces[i].3 as usize, b))
                     .map_err(BlockError::from_io)
@@ -394,7 +394,8 @@ impl Volume {
         let (at, buf) = if in_off == 0 && data.len() as u64 == cs || base_data.is_none() {
             (res.pcluster * cs + in_off, data)
         } else {
-            let mut cbuf = IoBuf::zeroed(cs as usize);
+            // Fully overwritten by the read below (base_data is Some on this branch).
+            let mut cbuf = IoBuf::for_overwrite(cs as usize);
             if let Some(loc) = base_data {
                 let (r, b) = self
                     .inner

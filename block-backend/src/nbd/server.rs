@@ -1493,7 +1493,7 @@ where
             Err(_) => return Ok(()),
         };
         let payload = if req.payload_len() > 0 {
-            let mut buf = IoBuf::zeroed(req.payload_len() as usize);
+            let mut buf = IoBuf::for_overwrite(req.payload_len() as usize);
             rd.read_exact(&mut buf).await?;
             Some(buf)
         } else {
