@@ -3,7 +3,11 @@
 //! ```text
 //! cargo run --release -p shale-block --example nbd-serve -- FILE [--name vol] [--tcp 127.0.0.1:10809]
 //!     [--unix /tmp/shale-nbd.sock] [--read-only] [--create-size 1G] [--io-threads 1] [--workers 2]
+//!     [--conn-threads N]
 //! ```
+//! `--io-threads` sizes the shared io_uring engine, `--workers` the tokio runtime that accepts connections, and
+//! `--conn-threads` the server's I/O threads that serve them (0: serve on the tokio runtime through the shared
+//! engine, the pre-I/O-thread design, for A/B comparisons).
 //! Prints the export URIs, then serves until SIGINT/SIGTERM.
 
 use std::sync::Arc;
@@ -22,6 +26,7 @@ struct Args {
     create_size: Option<u64>,
     io_threads: usize,
     workers: usize,
+    conn_threads: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -47,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         create_size: None,
         io_threads: 1,
         workers: 2,
+        conn_threads: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -59,7 +65,8 @@ fn parse_args() -> Result<Args, String> {
             "--create-size" => a.create_size = Some(parse_size(&val("--create-size")?)?),
             "--io-threads" => a.io_threads = val("--io-threads")?.parse().map_err(|e| format!("{e}"))?,
             "--workers" => a.workers = val("--workers")?.parse().map_err(|e| format!("{e}"))?,
-            "-h" | "--help" => return Err("usage: nbd-serve FILE [--name N] [--tcp ADDR] [--unix PATH] [--read-only] [--create-size SIZE] [--io-threads N] [--workers N]".into()),
+            "--conn-threads" => a.conn_threads = Some(val("--conn-threads")?.parse().map_err(|e| format!("{e}"))?),
+            "-h" | "--help" => return Err("usage: nbd-serve FILE [--name N] [--tcp ADDR] [--unix PATH] [--read-only] [--create-size SIZE] [--io-threads N] [--workers N] [--conn-threads N]".into()),
             f if !f.starts_with('-') && a.file.is_empty() => a.file = f.to_string(),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -114,7 +121,11 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let dev = FileDevice::open(&args.file, args.read_only, engine)?;
     let direct = dev.is_direct();
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
-    let server = NbdServer::new(ServerConfig::default());
+    let mut config = ServerConfig::default();
+    if let Some(n) = args.conn_threads {
+        config.io_threads = n;
+    }
+    let server = NbdServer::new(config);
     server.add_export(
         Export::new(&args.name, dev)
             .with_description(format!("{} (O_DIRECT: {direct})", args.file))
