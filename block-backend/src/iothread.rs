@@ -76,6 +76,13 @@ impl IoThreads {
         self.threads.is_empty()
     }
 
+    /// The runtime of the next thread (round-robin), for owners that spawn several tasks of their own on one
+    /// thread (a VM's virtio-blk queue workers).
+    pub fn handle(&self) -> Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
+        self.threads[i].handle.clone()
+    }
+
     /// Run `fut` on the next thread (round-robin). The future is dropped unpolled if that thread has stopped.
     pub fn spawn<F>(&self, fut: F)
     where

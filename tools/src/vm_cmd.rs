@@ -431,7 +431,14 @@ async fn run_foreground(a: RunArgs) -> Result<u8> {
     cfg.vcpus = vcpus;
     cfg.cpuid = CpuidPolicy::for_host();
     cfg.console_tee = Some(Box::new(StdoutTee));
-    cfg.runtime = Some(tokio::runtime::Handle::current());
+    // One I/O thread serves the disks (its own io_uring ring, no cross-thread handoff per request); it lives until
+    // this function returns, after the VM has stopped.
+    let io = shale_block::IoThreads::new("shale-vm-io", 1).ok();
+    cfg.runtime = Some(
+        io.as_ref()
+            .map(|t| t.handle())
+            .unwrap_or_else(tokio::runtime::Handle::current),
+    );
     for (path, ro) in &a.disks {
         let p = existing("disk file", Path::new(path))?;
         let dev = FileDevice::open(&p, *ro, engine.clone())

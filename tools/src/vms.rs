@@ -7,8 +7,10 @@
 //! - records each disk by VDI UUID at create time (a snapshot is forced read-only), opens the VDIs with
 //!   [`Host::open_volume`] when the VM starts and closes them once it has stopped, so while a VM runs the engine
 //!   refuses to destroy or revert its VDIs (InUse);
-//! - runs the VM on the daemon's tokio runtime (disk I/O shares the io_uring engine) and watches it from a thread
-//!   that cleans up whichever way it stops (guest exit, host stop, failure);
+//! - runs each VM's disk queue workers on one of the daemon's VM I/O threads ([`shale_block::IoThreads`]: a
+//!   request's virtqueue pop, its volume I/O on the thread's own io_uring ring, and the completion all stay on
+//!   that thread; the daemon's runtime if the threads cannot start) and watches the VM from a thread that cleans
+//!   up whichever way it stops (guest exit, host stop, failure);
 //! - tees the serial console to `STATE_DIR/vms/NAME.console` (truncated at each start), which `VmConsole` serves
 //!   by offset, so the output of a VM that has stopped stays readable.
 
@@ -142,6 +144,8 @@ pub struct VmManager {
     state_dir: PathBuf,
     entries: Mutex<BTreeMap<String, Entry>>,
     me: Weak<VmManager>,
+    /// I/O threads for the VMs' disk workers, started with the first VM.
+    io: std::sync::OnceLock<Option<shale_block::IoThreads>>,
 }
 
 fn now() -> u64 {
@@ -268,7 +272,27 @@ impl VmManager {
             state_dir,
             entries: Mutex::new(entries),
             me: me.clone(),
+            io: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Where a starting VM's disk workers run: the next VM I/O thread, or the daemon's runtime.
+    fn disk_runtime(&self) -> tokio::runtime::Handle {
+        let io = self.io.get_or_init(|| {
+            let n = std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(1);
+            match shale_block::IoThreads::new("shale-vm-io", n) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start VM I/O threads; disk workers run on the daemon's runtime");
+                    None
+                }
+            }
+        });
+        io.as_ref()
+            .map(|t| t.handle())
+            .unwrap_or_else(tokio::runtime::Handle::current)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -570,7 +594,7 @@ impl VmManager {
         cfg.disks = disks;
         cfg.cpuid = CpuidPolicy::for_host();
         cfg.console_tee = Some(Box::new(tee));
-        cfg.runtime = Some(tokio::runtime::Handle::current());
+        cfg.runtime = Some(self.disk_runtime());
         let name = def.name.clone();
         let vm = tokio::task::spawn_blocking(move || -> Result<Arc<Vm>> {
             let vm = Vm::new(cfg).map_err(|e| VmError::Vmm(name.clone(), e.to_string()))?;
@@ -723,7 +747,7 @@ fn watch_vm(
     let taken = me.upgrade().and_then(|m| m.finished(&name, &vm, exit));
     drop(taken);
     drop(vm);
-    // The VM's disk workers run as tasks on the daemon's runtime; after the VM is dropped they finish
+    // The VM's disk workers run as tasks on a VM I/O thread; after the VM is dropped they finish
     // asynchronously. Wait until ours are the last references so "stopped" means "VDIs closed".
     let deadline = Instant::now() + Duration::from_secs(10);
     while devices.iter().any(|d| Arc::strong_count(d) > 1) && Instant::now() < deadline {
