@@ -26,14 +26,15 @@ use crate::memory::{ram_ranges, GuestMemoryMmap};
 /// What to boot.
 #[derive(Debug, Clone)]
 pub enum BootSource {
-    /// A Linux kernel (`vmlinux` ELF or `bzImage`), an optional initrd and the command line. The VMM appends
-    /// `virtio_mmio.device=` entries for every disk and a console setting if none is given.
+    /// A Linux kernel (`vmlinux` ELF or `bzImage`), an optional initrd and the command line. The VMM describes
+    /// the disks in ACPI tables (or, with [`crate::vm::VmConfig::acpi`] off, appends `virtio_mmio.device=`
+    /// entries) and adds a console setting if none is given.
     Linux {
         /// Kernel image path.
         kernel: PathBuf,
         /// Initial ramdisk path.
         initrd: Option<PathBuf>,
-        /// Kernel command line (without the virtio_mmio device entries, which the VMM adds).
+        /// Kernel command line (without virtio_mmio device entries: the VMM describes the disks).
         cmdline: String,
     },
     /// A raw 64-bit flat binary, loaded and entered at [`layout::HIMEM_START`].
@@ -136,6 +137,7 @@ pub fn load_linux(
     kernel: &std::path::Path,
     initrd: Option<&std::path::Path>,
     cmdline: &str,
+    acpi_rsdp: Option<u64>,
 ) -> Result<EntryPoint> {
     let mut kfile = File::open(kernel).map_err(load_err("opening kernel"))?;
     let mut magic = [0u8; 4];
@@ -166,6 +168,10 @@ pub fn load_linux(
         params.hdr.kernel_alignment = 0x0100_0000;
     }
     params.hdr.type_of_loader = 0xff;
+    if let Some(rsdp) = acpi_rsdp {
+        // boot_params.acpi_rsdp_addr (boot protocol 2.14): where the RSDP is, so the kernel need not scan for it.
+        params.acpi_rsdp_addr = rsdp;
+    }
     params.hdr.loadflags |= 0x1; // LOADED_HIGH
 
     let cmd =
@@ -230,8 +236,8 @@ pub fn load_linux(
 }
 
 /// Write an Intel MP table (spec 1.4) listing `cpus` processors, an IOAPIC and ISA interrupts, so Linux finds
-/// every vCPU and the IOAPIC without ACPI.
-pub fn write_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
+/// every vCPU and the IOAPIC without ACPI. Returns the IOAPIC's id (the ACPI MADT must use the same).
+pub fn write_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<u8> {
     const APIC_VERSION: u8 = 0x14;
     const IOAPIC_ID_OFFSET: u8 = 1;
     let ioapic_id = cpus + IOAPIC_ID_OFFSET;
@@ -301,5 +307,5 @@ pub fn write_mptable(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
     if cfg_addr + cfg.len() as u64 > layout::HIMEM_START {
         return Err(VmmError::Load("MP table too large".into()));
     }
-    Ok(())
+    Ok(ioapic_id)
 }

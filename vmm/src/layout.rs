@@ -54,3 +54,7 @@ pub const I8042_CMD: u16 = 0x64;
 pub const DEBUG_EXIT_PORT: u16 = 0x501;
 /// Start of the EBDA/BIOS area that the e820 map reserves.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first): in the reserved BIOS area, where Linux scans for the RSDP (0xE0000-0xFFFFF).
+pub const ACPI_START: u64 = 0xe_0000;
+/// Bytes reserved for the ACPI tables (up to the end of the BIOS area at 1 MiB).
+pub const ACPI_MAX: u64 = 0x2_0000;

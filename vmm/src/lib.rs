@@ -7,7 +7,8 @@
 //!
 //! Layout of the crate:
 //! - [`vm`]: lifecycle, vCPU threads, exit handling; [`cpu`]: CPUID/MSR/LAPIC/long-mode setup;
-//!   [`boot`]: Linux and flat-binary loading, zero page, e820, MP table, page tables; [`memory`]: memfd RAM;
+//!   [`boot`]: Linux and flat-binary loading, zero page, e820, MP table, page tables; [`acpi`]: the ACPI tables
+//!   that let distribution kernels find the vCPUs and virtio-mmio disks; [`memory`]: memfd RAM;
 //!   [`layout`]: the guest-physical map.
 //! - [`virtio`]: the virtio-mmio transport and the virtio-blk device with its hostile-input parser.
 //! - [`console`]: serial console output; `legacy`: COM1, i8042 reset, debug-exit port.
@@ -17,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod acpi;
 pub mod boot;
 pub mod console;
 pub mod cpu;

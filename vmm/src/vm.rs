@@ -81,6 +81,11 @@ pub struct VmConfig {
     /// Runtime for the disk workers; when `None` the VM creates a one-thread runtime of its own. The daemon
     /// passes its runtime so disk I/O shares its io_uring engine threads and timers.
     pub runtime: Option<tokio::runtime::Handle>,
+    /// Describe the vCPUs, IOAPIC and disks to Linux in ACPI tables (the only way distribution kernels find
+    /// virtio-mmio disks; see [`crate::acpi`]). When off, the disks go on the command line as
+    /// `virtio_mmio.device=` entries instead, for kernels built without ACPI (both at once would make kernels
+    /// that understand both register every disk twice).
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -95,6 +100,7 @@ impl VmConfig {
             cpuid: CpuidPolicy::default(),
             console_tee: None,
             runtime: None,
+            acpi: true,
         }
     }
 }
@@ -267,6 +273,7 @@ impl Vm {
             cpuid: policy,
             console_tee,
             runtime,
+            acpi,
         } = config;
         if vcpus == 0 || vcpus > 32 {
             return Err(VmmError::InvalidConfig(format!(
@@ -319,6 +326,7 @@ impl Vm {
         let mut transports = Vec::new();
         let mut disk_stats = Vec::new();
         let mut virtio_cmdline = String::new();
+        let mut mmio_devices = Vec::new();
         for (i, disk) in disks.iter().enumerate() {
             let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let gsi = layout::VIRTIO_IRQ_BASE + i as u32;
@@ -348,10 +356,20 @@ impl Vm {
             .map_err(VmmError::InvalidConfig)?;
             transports.push(Mutex::new(t));
             virtio_cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            mmio_devices.push(crate::acpi::MmioDevice {
+                base,
+                size: layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            });
         }
 
         boot::write_boot_tables(&mem)?;
-        boot::write_mptable(&mem, vcpus)?;
+        let ioapic_id = boot::write_mptable(&mem, vcpus)?;
+        let rsdp = if acpi {
+            Some(crate::acpi::write(&mem, vcpus, ioapic_id, &mmio_devices)?)
+        } else {
+            None
+        };
         let entry = match &source {
             BootSource::FlatBinary(path) => boot::load_flat(&mem, path, memory)?,
             BootSource::Linux {
@@ -363,8 +381,10 @@ impl Vm {
                 if !cmd.split_whitespace().any(|w| w.starts_with("console=")) {
                     cmd.push_str(" console=ttyS0");
                 }
-                cmd.push_str(&virtio_cmdline);
-                boot::load_linux(&mem, memory, kernel, initrd.as_deref(), cmd.trim())?
+                if !acpi {
+                    cmd.push_str(&virtio_cmdline);
+                }
+                boot::load_linux(&mem, memory, kernel, initrd.as_deref(), cmd.trim(), rsdp)?
             }
         };
 

@@ -4,8 +4,10 @@
 //! On this project's kvm_pvm hosts guest code outside PVM's paravirtual mode is emulated, so a stock kernel
 //! runs slowly and stops at the first instruction KVM's emulator cannot run (it gets through early setup_arch,
 //! memory init and console setup, then fails on an `int3`-patched site). What we test here is therefore the
-//! boot *path*: ELF and bzImage loading, the 64-bit entry, `boot_params` (command line, e820) and the serial
-//! console. A full boot to userspace needs hardware virtualization (vmx/svm) and is skipped elsewhere.
+//! boot *path*: ELF and bzImage loading, the 64-bit entry, `boot_params` (command line, e820), the serial
+//! console, and the ACPI tables that describe the vCPUs, the IOAPIC and the virtio-mmio disks (the kernel
+//! validates and lists them early in `setup_arch`). A full boot to userspace needs hardware virtualization
+//! (vmx/svm) and is skipped elsewhere.
 
 mod common;
 
@@ -40,6 +42,13 @@ fn boot_until(
         },
     );
     cfg.cpuid = CpuidPolicy::for_host();
+    // One disk, so the DSDT carries a virtio-mmio device.
+    let dir = tempfile::tempdir().expect("tempdir");
+    cfg.disks.push(shale_vmm::vm::Disk {
+        device: common::file_disk(&dir.path().join("disk.raw"), 1 << 20, false),
+        read_only: false,
+        serial: "linux-boot".into(),
+    });
     let vm = Vm::new(cfg).expect("create VM");
     vm.start().expect("start");
     let console = vm.console();
@@ -51,8 +60,9 @@ fn boot_until(
     (seen, text)
 }
 
-/// The uncompressed vmlinux (ELF, 64-bit entry with boot_params): the banner, our command line, our e820 map
-/// and the initrd we placed must appear on the serial early console.
+/// The uncompressed vmlinux (ELF, 64-bit entry with boot_params): the banner, our command line, our e820 map,
+/// the initrd we placed and our ACPI tables (RSDP where `acpi_rsdp_addr` points, XSDT, FADT, a DSDT holding the
+/// disk's device, MADT) must appear on the serial early console.
 #[test]
 fn debian_kernel_prints_banner_on_early_console() {
     if !common::kvm_available() {
@@ -71,6 +81,11 @@ fn debian_kernel_prints_banner_on_early_console() {
             "Command line:",
             "shale-marker",
             "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+            "ACPI: RSDP 0x00000000000E0000 000024 (v02 SHALE )",
+            "ACPI: XSDT 0x",
+            "ACPI: FACP 0x",
+            "ACPI: DSDT 0x",
+            "ACPI: APIC 0x",
         ],
         Duration::from_secs(180),
     );
@@ -102,14 +117,14 @@ fn debian_bzimage_decompressor_runs() {
     );
 }
 
-/// Full boot to userspace: kernel, initramfs, PID 1 prints a marker and exits the VM through the debug port.
-/// Needs hardware virtualization; on kvm_pvm hosts the emulated kernel cannot get that far.
-///
-/// Debian's cloud kernel builds virtio-mmio as a module without `VIRTIO_MMIO_CMDLINE_DEVICES`, so it cannot
-/// find `virtio_mmio.device=` disks; a virtio-blk root disk needs a kernel with that option (or ACPI device
-/// tables, which Shale does not write yet). This test therefore boots from an initramfs.
+/// Full boot to userspace with a virtio-blk root disk: Debian's kernel finds the disk through our ACPI DSDT,
+/// the initramfs's PID 1 loads the virtio modules (Debian builds them as modules), mounts `/dev/vda` (ext4, made
+/// on the host with `mke2fs -d`) as the root and execs `/sbin/init` from it; that prints the disk's marker,
+/// writes a file, syncs and exits through the debug port. The host then reads the guest's file out of the image.
+/// Needs hardware virtualization; on kvm_pvm hosts the emulated kernel cannot get that far (there the ACPI
+/// tables are checked by `debian_kernel_prints_banner_on_early_console` instead).
 #[test]
-fn full_boot_to_userspace_on_hardware_virtualization() {
+fn full_boot_to_virtio_blk_root_on_hardware_virtualization() {
     if !common::kvm_available() {
         return;
     }
@@ -125,7 +140,13 @@ fn full_boot_to_userspace_on_hardware_virtualization() {
     }
     let Some(bz) = kernel() else { return };
     let vmlinux = common::kernel::extract_vmlinux(&bz).expect("extract vmlinux");
-    let initrd = common::kernel::build_initramfs().expect("initramfs");
+    let marker = format!("shale-root-{}", std::process::id());
+    let (initrd, image) =
+        common::kernel::build_root_boot(&marker).expect("initramfs and root image");
+    let engine = shale_block::uring::IoEngine::new(Default::default()).expect("engine");
+    let disk = std::sync::Arc::new(
+        shale_block::file::FileDevice::open(&image, false, engine).expect("open root image"),
+    );
     let mut cfg = VmConfig::new(
         "linux-full",
         512 << 20,
@@ -136,18 +157,60 @@ fn full_boot_to_userspace_on_hardware_virtualization() {
         },
     );
     cfg.cpuid = CpuidPolicy::for_host();
+    cfg.disks.push(shale_vmm::vm::Disk {
+        device: disk,
+        read_only: false,
+        serial: "root".into(),
+    });
     let vm = Vm::new(cfg).expect("create VM");
     vm.start().expect("start");
-    let exit = vm.wait_timeout(Duration::from_secs(120));
+    let exit = vm.wait_timeout(Duration::from_secs(180));
     if exit.is_none() {
         vm.stop();
         vm.wait();
     }
     let text = vm.console().text();
     println!("exit: {exit:?}\nconsole:\n{text}");
+    drop(vm);
     assert!(
-        text.contains("SHALE-USERSPACE-OK"),
-        "init did not run; console:\n{text}"
+        text.contains(&format!("SHALE-ROOT-OK {marker}")),
+        "userspace on the virtio-blk root did not report; console:\n{text}"
     );
     assert_eq!(exit, Some(shale_vmm::VmExit::GuestExit(0)));
+    let from_guest = common::kernel::ext4_cat(&image, "/from-guest").expect("debugfs");
+    assert!(
+        from_guest.contains("written by the guest on its virtio-blk root"),
+        "the guest's write is not in the image: {from_guest:?}"
+    );
+}
+
+/// The pieces of the virtio-blk root test that do not need hardware: the two-stage init compiles, the
+/// initramfs carries the kernel's virtio modules, and the ext4 root image holds `/sbin/init` and the marker.
+#[test]
+fn virtio_blk_root_images_build() {
+    if kernel().is_none() {
+        return;
+    }
+    let (initrd, image) = common::kernel::build_root_boot("marker-xyz").expect("build");
+    let cpio = std::fs::read(&initrd).expect("initramfs");
+    for m in [
+        "modules/virtio_ring.ko",
+        "modules/virtio.ko",
+        "modules/virtio_mmio.ko",
+        "modules/virtio_blk.ko",
+    ] {
+        assert!(
+            cpio.windows(m.len()).any(|w| w == m.as_bytes()),
+            "{m} missing from the initramfs"
+        );
+    }
+    assert_eq!(
+        common::kernel::ext4_cat(&image, "/marker").expect("debugfs"),
+        "marker-xyz"
+    );
+    let init = common::kernel::ext4_cat(&image, "/sbin/init").expect("debugfs");
+    assert!(
+        init.as_bytes().starts_with(b"\x7fELF"),
+        "/sbin/init is not the ELF init"
+    );
 }

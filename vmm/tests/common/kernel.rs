@@ -154,11 +154,10 @@ fn lz4_block(src: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     Ok(())
 }
 
-/// An initramfs (newc cpio) holding `/dev/console` and `init` (the freestanding `guest/init.c`).
-pub fn build_initramfs() -> Result<PathBuf, String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/init.c");
-    let out = super::out_dir();
-    let init = out.join("init");
+/// Compile a freestanding static program from `vmm/guest/NAME.c` into the test output dir.
+fn build_static(name: &str) -> Result<PathBuf, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guest/{name}.c"));
+    let out = super::out_dir().join(name);
     let st = Command::new("gcc")
         .args([
             "-ffreestanding",
@@ -169,20 +168,29 @@ pub fn build_initramfs() -> Result<PathBuf, String> {
             "-O2",
             "-o",
         ])
-        .arg(&init)
+        .arg(&out)
         .arg(&src)
         .status()
         .map_err(|e| format!("gcc: {e}"))?;
     if !st.success() {
-        return Err("gcc failed building init".into());
+        return Err(format!("gcc failed building {name}"));
     }
-    let init_bytes = std::fs::read(&init).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// One cpio member: name, mode, (rdev major, minor), contents.
+type CpioEntry<'a> = (&'a str, u32, (u32, u32), Vec<u8>);
+
+/// A newc cpio archive of `entries`.
+fn cpio(entries: &[CpioEntry<'_>]) -> Vec<u8> {
     let mut cpio = Vec::new();
-    let mut ino = 1;
-    let mut entry = |name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
+    let trailer = ("TRAILER!!!", 0u32, (0u32, 0u32), Vec::new());
+    for (ino, (name, mode, rdev, data)) in
+        entries.iter().chain(std::iter::once(&trailer)).enumerate()
+    {
         let header = format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            ino,
+            ino + 1,
             mode,
             0,
             0,
@@ -196,7 +204,6 @@ pub fn build_initramfs() -> Result<PathBuf, String> {
             name.len() + 1,
             0
         );
-        ino += 1;
         cpio.extend_from_slice(header.as_bytes());
         cpio.extend_from_slice(name.as_bytes());
         cpio.push(0);
@@ -207,12 +214,94 @@ pub fn build_initramfs() -> Result<PathBuf, String> {
         while cpio.len() % 4 != 0 {
             cpio.push(0);
         }
-    };
-    entry("dev", 0o040755, (0, 0), &[]);
-    entry("dev/console", 0o020600, (5, 1), &[]);
-    entry("init", 0o100755, (0, 0), &init_bytes);
-    entry("TRAILER!!!", 0, (0, 0), &[]);
-    let path = out.join("initramfs.cpio");
-    std::fs::write(&path, cpio).map_err(|e| e.to_string())?;
+    }
+    cpio
+}
+
+/// An initramfs whose `/init` (vmm/guest/init.c) prints a marker and exits the VM through the debug port.
+pub fn build_initramfs() -> Result<PathBuf, String> {
+    let init = std::fs::read(build_static("init")?).map_err(|e| e.to_string())?;
+    let archive = cpio(&[
+        ("dev", 0o040755, (0, 0), Vec::new()),
+        ("dev/console", 0o020600, (5, 1), Vec::new()),
+        ("init", 0o100755, (0, 0), init),
+    ]);
+    let path = super::out_dir().join("initramfs.cpio");
+    std::fs::write(&path, archive).map_err(|e| e.to_string())?;
     Ok(path)
+}
+
+/// For the virtio-blk root test: an initramfs with the kernel's virtio modules and stage 1 of
+/// `vmm/guest/init_root.c`, and an ext4 image (built with `mke2fs -d`) holding the same program as
+/// `/sbin/init` and a `/marker` file with `marker`. Returns (initramfs, disk image).
+pub fn build_root_boot(marker: &str) -> Result<(PathBuf, PathBuf), String> {
+    let init_path = build_static("init_root")?;
+    let init = std::fs::read(&init_path).map_err(|e| e.to_string())?;
+    let modules = cache_dir().join("root/lib/modules");
+    let kdir = std::fs::read_dir(&modules)
+        .map_err(|e| format!("{}: {e}", modules.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .next()
+        .ok_or("no kernel modules directory")?;
+    let mut entries = vec![
+        ("dev", 0o040755, (0, 0), Vec::new()),
+        ("dev/console", 0o020600, (5, 1), Vec::new()),
+        ("modules", 0o040755, (0, 0), Vec::new()),
+        ("newroot", 0o040755, (0, 0), Vec::new()),
+        ("init", 0o100755, (0, 0), init),
+    ];
+    let names = [
+        (
+            "modules/virtio_ring.ko",
+            "kernel/drivers/virtio/virtio_ring.ko",
+        ),
+        ("modules/virtio.ko", "kernel/drivers/virtio/virtio.ko"),
+        (
+            "modules/virtio_mmio.ko",
+            "kernel/drivers/virtio/virtio_mmio.ko",
+        ),
+        (
+            "modules/virtio_blk.ko",
+            "kernel/drivers/block/virtio_blk.ko",
+        ),
+    ];
+    for (name, rel) in names {
+        let data = std::fs::read(kdir.join(rel)).map_err(|e| format!("{rel}: {e}"))?;
+        entries.push((name, 0o100644, (0, 0), data));
+    }
+    let out = super::out_dir();
+    let initramfs = out.join("initramfs-root.cpio");
+    std::fs::write(&initramfs, cpio(&entries)).map_err(|e| e.to_string())?;
+
+    let tree = out.join("rootfs");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("sbin")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(tree.join("dev")).map_err(|e| e.to_string())?;
+    std::fs::copy(&init_path, tree.join("sbin/init")).map_err(|e| e.to_string())?;
+    std::fs::write(tree.join("marker"), marker).map_err(|e| e.to_string())?;
+    let disk = out.join("root.ext4");
+    let _ = std::fs::remove_file(&disk);
+    let st = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(&disk)
+        .arg("64M")
+        .status()
+        .map_err(|e| format!("mke2fs: {e}"))?;
+    if !st.success() {
+        return Err("mke2fs -d failed".into());
+    }
+    Ok((initramfs, disk))
+}
+
+/// The contents of `path` inside the ext4 image `disk`, read on the host with `debugfs`.
+pub fn ext4_cat(disk: &Path, path: &str) -> Result<String, String> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(disk)
+        .output()
+        .map_err(|e| format!("debugfs: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
