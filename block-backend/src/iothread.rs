@@ -158,30 +158,26 @@ mod tests {
     use std::os::unix::fs::OpenOptionsExt;
     use std::sync::Arc;
 
-    /// Ops issued on an I/O thread run on its own ring, concurrently, and return the right data; the same file
-    /// read through the shared engine agrees.
-    #[test]
-    fn io_thread_uses_its_own_ring() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("f");
-        let file = Arc::new(
+    /// A fresh file in `dir`, opened with `flags` (O_DIRECT where the filesystem allows it, else without).
+    fn tmpfile(dir: &tempfile::TempDir, flags: i32) -> Arc<std::fs::File> {
+        let open = |flags| {
             OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&path)
-                .or_else(|_| {
-                    OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&path)
-                })
-                .expect("open"),
-        );
+                .custom_flags(flags)
+                .open(dir.path().join("f"))
+        };
+        Arc::new(open(flags).or_else(|_| open(0)).expect("open"))
+    }
+
+    /// Ops issued on an I/O thread run on its own ring, concurrently, and return the right data; the same file
+    /// read through the shared engine agrees.
+    #[test]
+    fn io_thread_uses_its_own_ring() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = tmpfile(&dir, libc::O_DIRECT);
         let engine = IoEngine::new(IoEngineConfig::default()).expect("engine");
         let pool = IoThreads::new("test-io", 2).expect("pool");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -234,15 +230,7 @@ mod tests {
     #[test]
     fn dropped_tasks_and_stop_are_safe() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join("f"))
-                .expect("open"),
-        );
+        let file = tmpfile(&dir, 0);
         file.set_len(64 << 20).expect("size");
         let engine = IoEngine::new(IoEngineConfig::default()).expect("engine");
         let pool = IoThreads::new("test-io", 1).expect("pool");

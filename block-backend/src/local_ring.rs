@@ -34,7 +34,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use crate::uring::{complete, sqe_for, stopped, InFlight, Op};
+use crate::uring::{complete, push_pending, stopped, InFlight, Op};
 
 thread_local! {
     static LOCAL: RefCell<Option<Rc<LocalRing>>> = const { RefCell::new(None) };
@@ -84,25 +84,9 @@ impl LocalRing {
         loop {
             {
                 let mut sq = st.ring.submission();
-                while st.inflight.len() < st.depth && !sq.is_full() {
-                    let Some(op) = st.pending.pop_front() else {
-                        break;
-                    };
-                    let idx = st.inflight.insert(op);
-                    let Some(op) = st.inflight.get_mut(idx) else {
-                        break;
-                    };
-                    let entry = sqe_for(op).user_data(idx as u64);
-                    // SAFETY: the entry points at the op's heap buffer and fd. The op lives in `st.inflight` until
-                    // its completion is reaped (and `Drop for LocalRing` waits for that), the buffer's heap memory
-                    // does not move when the table does, and the op's `Arc<File>` keeps the fd open.
-                    if unsafe { sq.push(&entry) }.is_err() {
-                        if let Some(op) = st.inflight.remove(idx) {
-                            st.pending.push_front(op);
-                        }
-                        break;
-                    }
-                }
+                // SAFETY: ops leave `st.inflight` only below, when their completion comes off this ring, and
+                // `Drop for LocalRing` waits for every in-flight completion before the table is dropped.
+                unsafe { push_pending(&mut sq, &mut st.pending, &mut st.inflight, st.depth) };
             }
             if let Err(e) = st.ring.submit() {
                 if !matches!(

@@ -500,7 +500,7 @@ impl InFlight {
         self.len
     }
 
-    pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut Op> {
+    fn get_mut(&mut self, i: usize) -> Option<&mut Op> {
         self.slots.get_mut(i)?.as_mut()
     }
 
@@ -625,25 +625,9 @@ impl RingThread {
                 self.wake_armed = true;
             }
         }
-        while self.inflight.len < self.depth && !sq.is_full() {
-            let Some(op) = self.pending.pop_front() else {
-                break;
-            };
-            let idx = self.inflight.insert(op);
-            let Some(op) = self.inflight.slots[idx].as_mut() else {
-                break;
-            };
-            let entry = sqe_for(op).user_data(idx as u64);
-            // SAFETY: the entry points at the op's heap buffer and fd. The op now lives in `self.inflight` and is
-            // only removed when its completion is reaped, the buffer's heap memory does not move when the table
-            // does, and the `Arc<File>` keeps the fd open, so both stay valid for as long as the kernel uses them.
-            if unsafe { sq.push(&entry) }.is_err() {
-                if let Some(op) = self.inflight.remove(idx) {
-                    self.pending.push_front(op);
-                }
-                break;
-            }
-        }
+        // SAFETY: ops leave `self.inflight` only in `reap`, when their completion comes off this ring, and if
+        // this thread unwinds with ops in flight `InFlight`'s Drop leaks them rather than freeing their buffers.
+        unsafe { push_pending(&mut sq, &mut self.pending, &mut self.inflight, self.depth) };
     }
 
     fn reap(&mut self) {
@@ -674,8 +658,41 @@ impl RingThread {
     }
 }
 
+/// Move ops from `pending` into the submission queue `sq` (and the `inflight` table, keyed by `user_data`) while
+/// fewer than `depth` are in flight. Shared by the ring threads and the I/O threads' rings.
+///
+/// # Safety
+/// Each entry hands the kernel pointers into an op's heap buffer and its fd, so the caller must keep every op in
+/// `inflight` there until its completion has been reaped from the ring `sq` belongs to (or leak it), and must not
+/// drop that ring's in-flight table first. Moving the table is fine: the buffers' heap memory does not move, and
+/// each op's `Arc<File>` keeps its fd open.
+pub(crate) unsafe fn push_pending(
+    sq: &mut squeue::SubmissionQueue<'_>,
+    pending: &mut VecDeque<Op>,
+    inflight: &mut InFlight,
+    depth: usize,
+) {
+    while inflight.len < depth && !sq.is_full() {
+        let Some(op) = pending.pop_front() else {
+            break;
+        };
+        let idx = inflight.insert(op);
+        let Some(op) = inflight.get_mut(idx) else {
+            break;
+        };
+        let entry = sqe_for(op).user_data(idx as u64);
+        // SAFETY: the entry's memory and fd stay valid until its completion is reaped (this function's contract).
+        if unsafe { sq.push(&entry) }.is_err() {
+            if let Some(op) = inflight.remove(idx) {
+                pending.push_front(op);
+            }
+            break;
+        }
+    }
+}
+
 /// Build the submission entry for the next step of `op` (the part not yet done).
-pub(crate) fn sqe_for(op: &mut Op) -> squeue::Entry {
+fn sqe_for(op: &mut Op) -> squeue::Entry {
     let fd = types::Fd(op.file.as_raw_fd());
     match &mut op.kind {
         OpKind::Read { offset, buf, done } => {
