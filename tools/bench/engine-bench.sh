@@ -58,7 +58,9 @@ fi
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/shale-target}"
 cd "$ROOT"
-cargo build -q -p shale-snapshot --example engine_bench
+# --workspace, not -p shale-snapshot: building one package resolves dependency features differently, which gives
+# librocksdb-sys another hash and a second 10+ minute C++ build next to the one the tests use.
+cargo build -q --workspace --example engine_bench
 BIN="$CARGO_TARGET_DIR/debug/examples/engine_bench"
 
 WORK="$(mktemp -d "$PARENT/shale-engine-bench.XXXXXX")"
