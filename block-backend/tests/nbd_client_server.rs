@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use common::*;
 use shale_block::nbd::codec::{self, RequestHeader};
 use shale_block::nbd::proto::*;
-use shale_block::nbd::{Export, NbdAddr, NbdClient, NbdError};
+use shale_block::nbd::{Export, NbdAddr, NbdClient, NbdError, ServerConfig};
 use shale_block::{BlockDevice, BlockError, DeviceInfo, Extent, ExtentKind, IoBuf, WriteFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -84,14 +84,43 @@ async fn read_write_flush_trim_zero_status_over_tcp_and_unix() {
 async fn many_requests_in_flight_on_one_connection() {
     let s = serve().await;
     s.export_file("vol", 16 * MIB, false);
-    let c = Arc::new(client(&s.tcp_uri("vol")).await);
+    in_flight_round_trip(&s.tcp_uri("vol"), 0).await;
+}
+
+/// Both ways of serving a connection: on the accepting runtime (`io_threads: 0`, I/O through the shared ring
+/// thread) and on I/O threads, with several connections spread over them writing disjoint ranges at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_on_the_runtime_and_on_io_threads() {
+    for io_threads in [0, 1, 3] {
+        let s = serve_with(ServerConfig {
+            io_threads,
+            ..Default::default()
+        })
+        .await;
+        s.export_file("vol", 16 * MIB, false);
+        let conns = (0..4u64).map(|k| {
+            let uri = if k % 2 == 0 {
+                s.tcp_uri("vol")
+            } else {
+                s.unix_uri("vol")
+            };
+            async move { in_flight_round_trip(&uri, k).await }
+        });
+        futures::future::join_all(conns).await;
+    }
+}
+
+/// 512 concurrent 8 KiB writes then reads on one connection to `uri`, in its `slot`th 4 MiB.
+async fn in_flight_round_trip(uri: &str, slot: u64) {
+    let c = Arc::new(client(uri).await);
+    let base = slot * 4 * MIB;
     let n = 512u64;
     let writes = (0..n).map(|i| {
         let c = c.clone();
         async move {
             c.write(
-                i * 8192,
-                IoBuf::from_slice(&pattern(i * 8192, 8192, 1)),
+                base + i * 8192,
+                IoBuf::from_slice(&pattern(base + i * 8192, 8192, 1)),
                 WriteFlags::default(),
             )
             .await
@@ -102,12 +131,12 @@ async fn many_requests_in_flight_on_one_connection() {
     }
     let reads = (0..n).map(|i| {
         let c = c.clone();
-        async move { (i, c.read(i * 8192, IoBuf::zeroed(8192)).await) }
+        async move { (i, c.read(base + i * 8192, IoBuf::zeroed(8192)).await) }
     });
     for (i, r) in futures::future::join_all(reads).await {
         assert_eq!(
             &r.unwrap()[..],
-            &pattern(i * 8192, 8192, 1)[..],
+            &pattern(base + i * 8192, 8192, 1)[..],
             "block {i}"
         );
     }
