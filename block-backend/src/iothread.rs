@@ -226,6 +226,44 @@ mod tests {
         });
     }
 
+    /// Many more ops at once than the ring has slots (four times [`RING_DEPTH`]): the ones that wait for a slot
+    /// are submitted as completions free slots, down to the last one (a lost hand-off would hang here).
+    #[test]
+    fn more_ops_than_ring_slots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // O_DIRECT where possible, so completions arrive after the submitting call returns.
+        let file = tmpfile(&dir, libc::O_DIRECT);
+        let n = 4 * RING_DEPTH as u64;
+        file.set_len(n * 4096).expect("size");
+        let engine = IoEngine::new(IoEngineConfig::default()).expect("engine");
+        let pool = IoThreads::new("test-io", 1).expect("pool");
+        for round in 0..20u8 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (engine, file) = (engine.clone(), file.clone());
+            pool.spawn(async move {
+                let ops = (0..n).map(|i| {
+                    let (engine, file) = (engine.clone(), file.clone());
+                    async move {
+                        let mut b = IoBuf::zeroed(4096);
+                        b.fill(round ^ i as u8);
+                        engine.write_at(&file, i * 4096, b, false).await.0.is_ok()
+                    }
+                });
+                let ok = futures::future::join_all(ops)
+                    .await
+                    .into_iter()
+                    .all(|ok| ok);
+                let _ = tx.send(ok);
+            });
+            let ok = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: ops waiting for a ring slot were never submitted")
+                });
+            assert!(ok, "round {round}: every write succeeded");
+        }
+    }
+
     /// A task dropped while its op is in flight leaves the op to the ring; stopping the pool then waits for it.
     #[test]
     fn dropped_tasks_and_stop_are_safe() {

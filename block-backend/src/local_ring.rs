@@ -76,8 +76,8 @@ impl LocalRing {
     }
 
     /// Move pending ops into the ring while slots are free, submit them, and reap every completion. Ops that need
-    /// another round (short transfers, `EAGAIN`) go back to the front of the pending list and are resubmitted
-    /// before returning.
+    /// another round (short transfers, `EAGAIN`) go back to the front of the pending list, and ops still waiting
+    /// for a slot get the slots the reaped completions freed, before returning.
     fn turn(&self) {
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
@@ -101,7 +101,10 @@ impl LocalRing {
                 .completion()
                 .map(|c: cqueue::Entry| (c.user_data(), c.result()))
                 .collect();
-            let mut again = false;
+            // Go round again if a completion freed a slot while ops are still waiting for one: their wake-up
+            // (the eventfd signal of the completions just reaped) may already have been consumed, and no further
+            // completion may come to signal it again.
+            let mut again = !reaped.is_empty() && !st.pending.is_empty();
             for (user_data, res) in reaped {
                 let Ok(idx) = usize::try_from(user_data) else {
                     continue;
