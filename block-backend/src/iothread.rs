@@ -32,6 +32,14 @@ pub use crate::local_ring::on_io_thread;
 /// Slots in each I/O thread's ring: more than any one front end's queue depth, so ops rarely wait for a slot.
 const RING_DEPTH: u32 = 256;
 
+/// How many I/O threads a front end starts by default: one per core, at most four (each can drive a fast
+/// NVMe device's queue on its own).
+pub fn default_threads() -> usize {
+    thread::available_parallelism()
+        .map(|n| n.get().min(4))
+        .unwrap_or(1)
+}
+
 /// A pool of I/O threads. Dropping it stops them once their current tasks are dropped (in-flight kernel I/O is
 /// waited for before buffers are freed).
 pub struct IoThreads {
@@ -88,8 +96,7 @@ impl IoThreads {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
-        drop(self.threads[i].handle.spawn(fut));
+        drop(self.handle().spawn(fut));
     }
 }
 

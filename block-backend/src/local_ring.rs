@@ -55,6 +55,8 @@ struct State {
     depth: usize,
     pending: VecDeque<Op>,
     inflight: InFlight,
+    /// Completions of the current turn (kept to reuse its allocation).
+    reaped: Vec<(u64, i32)>,
 }
 
 impl LocalRing {
@@ -69,6 +71,7 @@ impl LocalRing {
                 depth: depth as usize,
                 pending: VecDeque::new(),
                 inflight: InFlight::default(),
+                reaped: Vec::new(),
             }),
             kick: Notify::new(),
             kicked: Cell::new(false),
@@ -96,16 +99,17 @@ impl LocalRing {
                     tracing::error!(error = %e, "io_uring_enter failed on an I/O thread");
                 }
             }
-            let reaped: Vec<(u64, i32)> = st
-                .ring
-                .completion()
-                .map(|c: cqueue::Entry| (c.user_data(), c.result()))
-                .collect();
+            let mut reaped = std::mem::take(&mut st.reaped);
+            reaped.extend(
+                st.ring
+                    .completion()
+                    .map(|c: cqueue::Entry| (c.user_data(), c.result())),
+            );
             // Go round again if a completion freed a slot while ops are still waiting for one: their wake-up
             // (the eventfd signal of the completions just reaped) may already have been consumed, and no further
             // completion may come to signal it again.
             let mut again = !reaped.is_empty() && !st.pending.is_empty();
-            for (user_data, res) in reaped {
+            for (user_data, res) in reaped.drain(..) {
                 let Ok(idx) = usize::try_from(user_data) else {
                     continue;
                 };
@@ -116,6 +120,7 @@ impl LocalRing {
                     }
                 }
             }
+            st.reaped = reaped;
             if !again {
                 return;
             }

@@ -279,10 +279,7 @@ impl VmManager {
     /// Where a starting VM's disk workers run: the next VM I/O thread, or the daemon's runtime.
     fn disk_runtime(&self) -> tokio::runtime::Handle {
         let io = self.io.get_or_init(|| {
-            let n = std::thread::available_parallelism()
-                .map(|n| n.get().min(4))
-                .unwrap_or(1);
-            match shale_block::IoThreads::new("shale-vm-io", n) {
+            match shale_block::IoThreads::new("shale-vm-io", shale_block::iothread::default_threads()) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start VM I/O threads; disk workers run on the daemon's runtime");

@@ -276,9 +276,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             sparse_read_min: 64 << 10,
             read_buffer: 256 << 10,
-            io_threads: std::thread::available_parallelism()
-                .map(|n| n.get().min(4))
-                .unwrap_or(1),
+            io_threads: crate::iothread::default_threads(),
         }
     }
 }
@@ -659,25 +657,24 @@ impl NbdServer {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let server = self.clone();
-        let Some(io) = self.io_threads() else {
-            tokio::spawn(async move {
-                match stream.into_std().and_then(rebuild) {
-                    Ok((rd, wr)) => server.serve_split(rd, wr, peer).await,
-                    Err(e) => warn!(error = %e, "NBD connection setup failed"),
-                }
-            });
-            return;
+        // Detach the socket from this runtime's reactor; `rebuild` registers it with the serving runtime's.
+        let std = match stream.into_std() {
+            Ok(std) => std,
+            Err(e) => {
+                warn!(error = %e, "NBD connection setup failed");
+                return;
+            }
         };
-        // Detach the socket from this runtime's reactor and re-register it on the I/O thread's.
-        match stream.into_std() {
-            Ok(std) => io.spawn(async move {
-                match rebuild(std) {
-                    Ok((rd, wr)) => server.serve_split(rd, wr, peer).await,
-                    Err(e) => warn!(error = %e, "NBD connection setup failed"),
-                }
-            }),
-            Err(e) => warn!(error = %e, "NBD connection setup failed"),
+        let server = self.clone();
+        let serve = async move {
+            match rebuild(std) {
+                Ok((rd, wr)) => server.serve_split(rd, wr, peer).await,
+                Err(e) => warn!(error = %e, "NBD connection setup failed"),
+            }
+        };
+        match self.io_threads() {
+            Some(io) => io.spawn(serve),
+            None => drop(tokio::spawn(serve)),
         }
     }
 
