@@ -397,10 +397,15 @@ async fn fio_nbd_engine_verify_multi_conn() {
     }
     let s = serve().await;
     s.export_file("vol", 128 * MIB, false);
-    let job = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/fio/nbd-verify.fio");
+    // The package directory of this run (cargo and nextest set it), not of the build: a test binary built from
+    // another checkout sharing the target directory would point there.
+    let job = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../tools/fio/nbd-verify.fio");
     for uri in [s.tcp_uri("vol"), s.unix_uri("vol")] {
         let out = tokio::process::Command::new("fio")
-            .arg(job)
+            .arg(&job)
             .env("NBD_URI", &uri)
             .kill_on_drop(true)
             .output()

@@ -23,6 +23,9 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     /// Map entries pointing at data clusters.
     pub mapped_clusters: u64,
+    /// Map entries holding only some sub-clusters of their cluster (small writes after a snapshot; GC folds them
+    /// once no snapshot needs the entry beneath).
+    pub partial_entries: u64,
     /// Zero entries (shadowing older data, owning no cluster).
     pub zero_entries: u64,
     /// Clusters on the free list.
@@ -63,6 +66,8 @@ impl Engine {
         } else {
             rep.problems.push("superblock missing".into());
         }
+        let mut partial_above: Option<(u64, u64)> = None;
+        let mut partial_on_parent: Vec<(u64, u64)> = Vec::new();
         for r in db.iterator(IteratorMode::From(b"a", Direction::Forward)) {
             let (k, v) = r?;
             match k.first().copied() {
@@ -115,7 +120,27 @@ impl Engine {
                         rep.problems.push("malformed map key".into());
                         continue;
                     };
-                    match keys::parse_map_value(&k, &v) {
+                    let entry = keys::parse_map_entry(&k, &v);
+                    // A partial entry must lie on a full data entry of its own volume (the next key), or
+                    // else read through to the volume's parent view (checked below, once volumes are known).
+                    if let Some(above) = partial_above.take() {
+                        if above == (vol, c) {
+                            if !entry
+                                .is_some_and(|(p, m)| m == keys::FULL_MASK && p != ZERO_CLUSTER)
+                            {
+                                rep.problems.push(format!(
+                                    "partial entry vol {vol} cluster {c} lies on a partial or zero entry (epoch {e})"
+                                ));
+                            }
+                        } else {
+                            partial_on_parent.push(above);
+                        }
+                    }
+                    if entry.is_some_and(|(_, m)| m != keys::FULL_MASK) {
+                        rep.partial_entries += 1;
+                        partial_above = Some((vol, c));
+                    }
+                    match entry.map(|(p, _)| p) {
                         None => rep.problems.push(format!(
                             "map entry vol {vol} cluster {c} epoch {e}: checksum mismatch"
                         )),
@@ -194,6 +219,18 @@ impl Engine {
             if objects.get(u).map(|o| &o.name) != Some(name) {
                 rep.problems.push(format!(
                     "name index entry '{name}' points at {u}, which does not carry that name"
+                ));
+            }
+        }
+        partial_on_parent.extend(partial_above);
+        for (vol, c) in partial_on_parent {
+            let covered = volumes
+                .get(&vol)
+                .and_then(|v| v.parent)
+                .is_some_and(|p| c < p.size.div_ceil(inner.cs));
+            if !covered {
+                rep.problems.push(format!(
+                    "partial entry vol {vol} cluster {c} has nothing beneath it"
                 ));
             }
         }

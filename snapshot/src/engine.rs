@@ -134,6 +134,8 @@ pub(crate) struct Inner {
     /// the next WAL sync, so a crash can never leave a map entry pointing at a cluster that now holds someone
     /// else's data.
     pub deferred: Mutex<Vec<u64>>,
+    /// Sub-cluster mask widenings not yet committed (see `dirty`).
+    pub(crate) dirty: crate::dirty::Dirty,
     /// Lookup cache, sharded like the stripes (see `volume::lookup_own`).
     pub cache: Box<[Mutex<crate::volume::CacheShard>]>,
     /// Bytes of the data file already allocated (its size); grown ahead of the allocator (see `ensure_allocated`).
@@ -478,6 +480,7 @@ impl Engine {
             reclaimed: AtomicU64::new(reclaimed),
             closed: AtomicBool::new(false),
             deferred: Mutex::new(Vec::new()),
+            dirty: Default::default(),
             file_end: AtomicU64::new(file_len),
             grow: tokio::sync::Mutex::new(()),
             cache: (0..STRIPES)
@@ -846,7 +849,13 @@ impl Engine {
             head: *vs.head.lock(),
         };
         b.put(keys::volume(vs.id), records::encode(&vrec)?);
-        self.inner.write(b, true)?;
+        {
+            // The snapshot freezes the head's partial entries: their pending widenings go in the same batch.
+            let mut dirty = self.inner.dirty.lock();
+            crate::dirty::put_pending(&dirty, vs.id, &mut b);
+            self.inner.write(b, true)?;
+            crate::dirty::forget(&self.inner, &mut dirty, vs.id);
+        }
         vs.views.lock().insert(e);
         vs.epoch.store(e + 1, Ordering::Release);
         Self::insert_object(&mut self.inner.state.write(), rec);

@@ -37,6 +37,9 @@ pub(crate) async fn flush(inner: &Arc<Inner>) -> std::result::Result<(), BlockEr
         .fdatasync(&inner.data)
         .await
         .map_err(BlockError::from_io)?;
+    // Deferred sub-cluster widenings of writes acknowledged so far, after their data is on disk.
+    crate::dirty::commit_all(inner)
+        .map_err(|e| BlockError::Other(format!("committing sub-cluster metadata: {e}")))?;
     let i = inner.clone();
     tokio::task::spawn_blocking(move || i.db.flush_wal(true))
         .await
@@ -121,7 +124,7 @@ impl Engine {
                 if inner.closed.load(Ordering::Acquire) {
                     return;
                 }
-                if !inner.deferred.lock().is_empty() {
+                if !inner.deferred.lock().is_empty() || !inner.dirty.is_empty() {
                     if let Err(e) = flush(&inner).await {
                         warn!(error = %e, "background flush of freed clusters failed; will retry");
                     }
@@ -178,6 +181,8 @@ impl Engine {
             let mut deltas: std::collections::BTreeMap<u64, i64> = Default::default();
             let mut n = 0usize;
             let mut next_start = None;
+            let mut fold = Vec::new();
+            let mut purged = Vec::new();
             {
                 let mut ro = rocksdb::ReadOptions::default();
                 ro.set_iterate_upper_bound(end.to_vec());
@@ -185,6 +190,8 @@ impl Engine {
                 it.seek(&start);
                 let mut cur: Option<u64> = None;
                 let mut newer = u64::MAX;
+                // The entry just above was kept and is partial: this one is what its other sub-clusters read.
+                let mut keep_as_base = false;
                 while let (Some(k), Some(v)) = (it.key(), it.value()) {
                     let (_, c, e) = keys::parse_map(k)
                         .ok_or_else(|| EngineError::Corrupt("malformed map key".into()))?;
@@ -195,18 +202,26 @@ impl Engine {
                         }
                         cur = Some(c);
                         newer = u64::MAX;
+                        keep_as_base = false;
                     }
-                    let live = !dead && {
+                    let (p, mask) = keys::parse_map_entry(k, v).ok_or_else(|| {
+                        EngineError::Corrupt(format!(
+                            "map entry vol {vol} cluster {c} fails its checksum"
+                        ))
+                    })?;
+                    let seen = !dead && {
                         let i = views.partition_point(|&x| x < e);
                         views.get(i).is_some_and(|&v| v < newer)
                     };
+                    let live = seen || (!dead && keep_as_base);
+                    if live && !seen {
+                        // Kept only for the partial entry above it: fold it into that entry below.
+                        fold.push(c);
+                    }
+                    keep_as_base = live && mask != keys::FULL_MASK;
                     if !live {
-                        let p = keys::parse_map_value(k, v).ok_or_else(|| {
-                            EngineError::Corrupt(format!(
-                                "map entry vol {vol} cluster {c} fails its checksum"
-                            ))
-                        })?;
                         b.delete(k);
+                        purged.push((c, e));
                         if p != ZERO_CLUSTER {
                             b.put(keys::free(p), []);
                             freed.push(p);
@@ -226,13 +241,25 @@ impl Engine {
                     b.merge(keys::count(vol, e), keys::delta(d));
                 }
                 // Synced: the clusters are reused right after, so the batch freeing them must be durable first.
-                inner.write(b, true)?;
+                // Pending widenings of deleted entries must never be committed after this batch.
+                {
+                    let mut dirty = inner.dirty.lock();
+                    inner.write(b, true)?;
+                    for (c, e) in purged {
+                        dirty.remove(&(vol, c, e));
+                    }
+                }
                 inner.reclaimed.fetch_add(bytes, Ordering::Relaxed);
                 for (e, d) in deltas {
                     vs.add_count(e, d);
                 }
                 reclaimed += bytes;
                 release_clusters(inner, freed).await;
+            }
+            for c in fold {
+                if crate::volume::fold_partial(inner, &vs, c).await? {
+                    reclaimed += inner.cs;
+                }
             }
             match next_start {
                 Some(s) => start = s,

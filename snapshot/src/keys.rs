@@ -9,7 +9,7 @@
 //! | `n` name | uuid | name index (names are unique within an SR) |
 //! | `v` vol | [`crate::records::VolumeRecord`] | a volume: current epoch, parent view, head |
 //! | `s` vol epoch | uuid | a live snapshot view of a volume |
-//! | `m` vol cluster !epoch | pcluster + check | the extent map |
+//! | `m` vol cluster !epoch | pcluster [+ sub-cluster mask] + check | the extent map (mask only on partial entries) |
 //! | `f` pcluster | – | a free cluster below the high-water mark |
 //! | `a` | u64 (merge: max) | allocator high-water mark (clusters ever used) |
 //! | `g` vol | – | the volume needs garbage collection |
@@ -138,7 +138,11 @@ pub fn u64_at(k: &[u8], at: usize) -> Option<u64> {
 /// Value marking a map entry that reads as zeroes and owns no cluster (it shadows older data).
 pub const ZERO_CLUSTER: u64 = u64::MAX;
 
-/// Encode a map value: the physical cluster and a 4-byte blake3 check over key and cluster, so `sr check`
+/// Sub-cluster mask of an entry that holds its whole cluster. Entries written before sub-clusters existed, and
+/// every entry whose sub-clusters have all been written, are full.
+pub const FULL_MASK: u32 = u32::MAX;
+
+/// Encode a full map value: the physical cluster and a 4-byte blake3 check over key and cluster, so `sr check`
 /// detects a corrupted or misplaced entry.
 pub fn map_value(key: &[u8], pcluster: u64) -> [u8; 12] {
     let mut v = [0u8; 12];
@@ -150,13 +154,46 @@ pub fn map_value(key: &[u8], pcluster: u64) -> [u8; 12] {
     v
 }
 
-/// Decode a map value, verifying its check. `None` means corruption.
-pub fn parse_map_value(key: &[u8], v: &[u8]) -> Option<u64> {
-    if v.len() != 12 {
-        return None;
+/// Encode a *partial* map value: the physical cluster holds only the sub-clusters whose bits are set in `mask`;
+/// the others read through to the entry beneath (see `volume`). 16 bytes (cluster, mask, check), so full
+/// entries keep their 12-byte format and SRs written before sub-clusters existed read unchanged.
+pub fn map_value_partial(key: &[u8], pcluster: u64, mask: u32) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&pcluster.to_be_bytes());
+    v[8..12].copy_from_slice(&mask.to_be_bytes());
+    let mut h = blake3::Hasher::new();
+    h.update(key);
+    h.update(&v[..12]);
+    v[12..].copy_from_slice(&h.finalize().as_bytes()[..4]);
+    v
+}
+
+/// Put the map value for (pcluster, mask) into a batch: the 12-byte form when `mask` is [`FULL_MASK`].
+pub fn put_map(b: &mut rocksdb::WriteBatch, key: &[u8], pcluster: u64, mask: u32) {
+    if mask == FULL_MASK {
+        b.put(key, map_value(key, pcluster));
+    } else {
+        b.put(key, map_value_partial(key, pcluster, mask));
     }
-    let p = u64::from_be_bytes(v[..8].try_into().ok()?);
-    (map_value(key, p) == v).then_some(p)
+}
+
+/// Decode a map value into (physical cluster, sub-cluster mask), verifying its check. `None` means corruption.
+pub fn parse_map_entry(key: &[u8], v: &[u8]) -> Option<(u64, u32)> {
+    let p = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    match v.len() {
+        12 => (map_value(key, p) == v).then_some((p, FULL_MASK)),
+        16 => {
+            let mask = u32::from_be_bytes(v[8..12].try_into().ok()?);
+            (map_value_partial(key, p, mask) == v && mask != FULL_MASK && p != ZERO_CLUSTER)
+                .then_some((p, mask))
+        }
+        _ => None,
+    }
+}
+
+/// Decode a map value's physical cluster, verifying its check. `None` means corruption.
+pub fn parse_map_value(key: &[u8], v: &[u8]) -> Option<u64> {
+    parse_map_entry(key, v).map(|(p, _)| p)
 }
 
 /// RocksDB merge operator: `a` takes the maximum, `t` adds. Both are order-independent, so concurrent batches
@@ -203,5 +240,31 @@ mod tests {
         bad[0] ^= 1;
         assert_eq!(parse_map_value(&k, &bad), None);
         assert_eq!(parse_map_value(&map(1, 2, 4), &v), None);
+    }
+
+    #[test]
+    fn partial_map_value_check() {
+        let k = map(1, 2, 3);
+        let v = map_value_partial(&k, 77, 0b1010);
+        assert_eq!(parse_map_entry(&k, &v), Some((77, 0b1010)));
+        assert_eq!(parse_map_value(&k, &v), Some(77));
+        assert_eq!(
+            parse_map_entry(&k, &map_value(&k, 77)),
+            Some((77, FULL_MASK))
+        );
+        let mut bad = v;
+        bad[9] ^= 1;
+        assert_eq!(parse_map_entry(&k, &bad), None);
+        assert_eq!(parse_map_entry(&map(1, 2, 4), &v), None);
+        // A "partial" value claiming every sub-cluster, or a zero entry, is not a valid encoding.
+        assert_eq!(
+            parse_map_entry(&k, &map_value_partial(&k, 77, FULL_MASK)),
+            None
+        );
+        assert_eq!(
+            parse_map_entry(&k, &map_value_partial(&k, ZERO_CLUSTER, 1)),
+            None
+        );
+        assert_eq!(parse_map_entry(&k, &v[..13]), None);
     }
 }

@@ -15,12 +15,13 @@
 //! - **GC** reclaims what no view can see, in the background, crash-safely ([`gc`]).
 //!
 //! Modules: [`engine`] (open/create and control-plane operations), [`volume`] (the data path, `BlockDevice`),
-//! [`alloc`] (clusters), [`gc`], [`check`] (`sr check`), [`digest`] (`vdi digest`), [`keys`]/[`records`] (the
+//! [`alloc`] (clusters), `dirty` (deferred sub-cluster mask widenings), [`gc`], [`check`] (`sr check`), [`digest`] (`vdi digest`), [`keys`]/[`records`] (the
 //! on-disk format), [`state`] (in-memory caches).
 
 pub mod alloc;
 pub mod check;
 pub mod digest;
+pub(crate) mod dirty;
 pub mod engine;
 pub mod error;
 pub mod gc;

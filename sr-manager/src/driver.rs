@@ -138,6 +138,9 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     /// Clusters referenced by maps.
     pub mapped_clusters: u64,
+    /// Map entries holding only some sub-clusters of their cluster (native SRs); 0 elsewhere.
+    #[serde(default)]
+    pub partial_entries: u64,
     /// Clusters the allocator considers free.
     pub free_clusters: u64,
     /// Objects (VDIs and snapshots) checked.

@@ -806,6 +806,7 @@ impl AttachedSr for ReflinkSr {
         Ok(CheckReport {
             problems,
             mapped_clusters: 0,
+            partial_entries: 0,
             free_clusters: 0,
             objects,
         })

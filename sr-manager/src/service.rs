@@ -205,6 +205,7 @@ impl Shale for ShaleService {
             ok: rep.ok(),
             problems: rep.problems,
             mapped_clusters: rep.mapped_clusters,
+            partial_entries: rep.partial_entries,
             free_clusters: rep.free_clusters,
             objects: rep.objects as u64,
         }))

@@ -331,6 +331,7 @@ impl AttachedSr for ThinSr {
         Ok(CheckReport {
             problems: report.problems,
             mapped_clusters: report.mapped_clusters,
+            partial_entries: report.partial_entries,
             free_clusters: report.free_clusters,
             objects: report.objects,
         })

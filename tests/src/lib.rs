@@ -18,6 +18,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The `tests` package's directory for the current run (cargo and nextest set `CARGO_MANIFEST_DIR` when they run
+/// a test), falling back to the build's: a test binary built from another checkout that shares the target
+/// directory (CI's clones, hooks) would otherwise build and read files there.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// Path of the `shale` binary, built on first use.
 pub fn shale_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -36,10 +45,10 @@ pub fn shale_bin() -> PathBuf {
             .file_name()
             .and_then(OsStr::to_str)
             .unwrap_or("debug");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root");
-        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let manifest = manifest_dir();
+        let workspace = manifest.parent().expect("workspace root");
+        let cargo = std::env::var_os("CARGO")
+            .unwrap_or_else(|| option_env!("CARGO").unwrap_or("cargo").into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)
             .args([

@@ -275,10 +275,10 @@ fn fio_verify_with_several_connections() {
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tmp.path().join("state"));
     create_vdi(&d, "stress", "128M");
-    let job = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/fio/nbd-verify.fio");
+    let job = shale_tests::manifest_dir().join("../tools/fio/nbd-verify.fio");
     for uri in [tcp_uri(&d, "stress"), unix_uri(&d, "stress")] {
         let out = Command::new("fio")
-            .arg(job)
+            .arg(&job)
             .env("NBD_URI", &uri)
             .current_dir(tmp.path())
             .output()

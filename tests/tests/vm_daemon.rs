@@ -35,7 +35,7 @@ fn kvm_available() -> bool {
 
 /// Build `tests/guest/vm_daemon.c` into a flat binary in `dir` (same flags as vmm/tests/common).
 fn build_guest(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = shale_tests::manifest_dir();
     let lib = root.join("../vmm/guest");
     let elf = dir.join("vm_daemon.elf");
     let bin = dir.join("vm_daemon.bin");

@@ -7,7 +7,8 @@
 #   qemu-raw       qemu-nbd on the same raw file (cache=none, aio=io_uring)
 #   qemu-qcow2     qemu-nbd on a fully allocated qcow2 copy of it
 #   qemu-qcow2-snap qemu-nbd on a qcow2 overlay whose backing file is that qcow2 (i.e. writes after a snapshot;
-#                  the overlay is recreated before every job so each job starts right after the snapshot)
+#                  every job gets a new overlay on the previous one, so each job starts right after a snapshot and
+#                  reads see what earlier jobs wrote, exactly as for shale-thin-snap)
 #   shale-thin     a throwaway `shale serve` daemon exporting a native thin VDI of the same size (filled first, no
 #                  snapshot: head-owned clusters are overwritten in place), over its NBD Unix socket
 #   shale-thin-snap the same daemon, a second filled thin VDI that gets a fresh snapshot before every job (so writes
@@ -75,14 +76,13 @@ fi
 mkdir -p "$DIR"
 RAW="$DIR/base.raw"
 QCOW="$DIR/base.qcow2"
-SNAP="$DIR/snap.qcow2"
 STATE="$DIR/shale-state"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$STATE"
-    if [[ $KEEP -eq 0 ]]; then rm -f "$RAW" "$QCOW" "$SNAP" "$DIR"/*.sock; fi
+    if [[ $KEEP -eq 0 ]]; then rm -f "$RAW" "$QCOW" "$DIR"/snap-*.qcow2 "$DIR"/*.sock; fi
 }
 trap cleanup EXIT
 
@@ -180,6 +180,8 @@ THIN_URI=""
 DAEMON_PID=""
 SNAPV_URI=""
 SNAP_N=0
+QSNAP_N=0
+SNAP_BACKING=$QCOW
 shale_cli() { "$SHALE_CLI" --socket "$STATE/s.sock" "$@"; }
 if wanted shale-thin || wanted shale-thin-snap; then
     rm -rf "$STATE"
@@ -224,8 +226,12 @@ for job in $JOBS; do
     fi
     if wanted qemu-qcow2-snap; then
         add_target qemu-qcow2-snap
-        rm -f "$SNAP"
-        qemu-img create -q -f qcow2 -b "$QCOW" -F qcow2 "$SNAP"
+        # Like the Shale VDI, which takes a new snapshot per job and keeps what earlier jobs wrote: each job
+        # gets a new overlay on top of the previous one (an external snapshot chain), so reads see the history.
+        QSNAP_N=$((QSNAP_N + 1))
+        SNAP="$DIR/snap-$QSNAP_N.qcow2"
+        qemu-img create -q -f qcow2 -b "$SNAP_BACKING" -F qcow2 "$SNAP"
+        SNAP_BACKING=$SNAP
         qemu_nbd "$DIR/snap.sock" qcow2 "$SNAP"
         RES[qemu-qcow2-snap,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/snap.sock" "$STARTED_PID")
         stop_pid "$STARTED_PID"

@@ -167,8 +167,8 @@ pub async fn sr(ctx: &mut Ctx, cmd: SrCommand) -> Result<u8> {
                 for r in reports {
                     if r.ok {
                         out.push_str(&format!(
-                            "SR '{}': OK ({} objects, {} mapped clusters, {} free clusters)\n",
-                            r.sr, r.objects, r.mapped_clusters, r.free_clusters
+                            "SR '{}': OK ({} objects, {} mapped clusters ({} partial), {} free clusters)\n",
+                            r.sr, r.objects, r.mapped_clusters, r.partial_entries, r.free_clusters
                         ));
                     } else {
                         out.push_str(&format!("SR '{}': {} problem(s)\n", r.sr, r.problems.len()));

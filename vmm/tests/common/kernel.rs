@@ -156,7 +156,7 @@ fn lz4_block(src: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
 
 /// Compile a freestanding static program from `vmm/guest/NAME.c` into the test output dir.
 fn build_static(name: &str) -> Result<PathBuf, String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guest/{name}.c"));
+    let src = super::manifest_dir().join(format!("guest/{name}.c"));
     let out = super::out_dir().join(name);
     let st = Command::new("gcc")
         .args([

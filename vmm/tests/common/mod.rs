@@ -26,9 +26,17 @@ pub fn build_guest(name: &str) -> PathBuf {
     build_guest_with(name, &[])
 }
 
+/// This package's directory for the current run (set by cargo and nextest), falling back to the build's: a
+/// test binary built from another checkout that shares the target directory must not read that checkout.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// Like [`build_guest`], with `-D` definitions (e.g. `["DEPTH=32"]`).
 pub fn build_guest_with(name: &str, defines: &[&str]) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
+    let src = manifest_dir().join("guest");
     let out = out_dir();
     let tag: String = defines
         .iter()
