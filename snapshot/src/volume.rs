@@ -13,20 +13,25 @@
 //!
 //! **Sub-clusters** (a departure from ARCHITECTURE.md's "copies up the untouched part"): a cluster is 32
 //! sub-clusters (2 KiB at the default 64 KiB; never under 512 bytes). When a write smaller than a cluster
-//! redirects over a *full* entry, the new entry is *partial*: it holds only the sub-clusters written (a 4 KiB
-//! write after a snapshot costs one 4 KiB write instead of a 64 KiB read plus a 64 KiB write) and its mask says
-//! which; the other sub-clusters read through to the entry beneath. Later head writes within those sub-clusters
-//! go in place; the first one that touches others completes the cluster (the copy-up, deferred from the first
-//! write to the second: clusters written once after a snapshot never pay it). A redirect over a partial entry
-//! assembles and copies up the whole cluster, so a partial entry always lies on a full one and a read needs at
-//! most two entries, whatever the number of snapshots (qcow2's extended L2 subclusters are similar but chain
-//! through backing files). GC keeps the entry beneath a live partial entry, and once no snapshot sees it, folds
-//! it into the head's entry in the background ([`fold_partial`]).
+//! redirects over a *full* entry, the new entry is *partial*: it holds only the sub-clusters written and its mask
+//! says which; the other sub-clusters read through to the entry beneath. The first write after a snapshot then
+//! costs one write of the new cluster instead of a 64 KiB read plus a 64 KiB write. Later head writes go in
+//! place; those touching new sub-clusters widen the mask, and the widening is committed with the next flush
+//! ([`crate::dirty`]) rather than per request. A redirect over a partial entry assembles and copies up the whole
+//! cluster, so a partial entry always lies on a full one and a read needs at most two entries, whatever the
+//! number of snapshots. GC keeps the entry beneath a live partial entry and, once no snapshot sees it, folds it
+//! into the head's entry ([`fold_partial`]).
 //!
-//! Widening the mask per newly touched sub-cluster instead was measured and rejected: under sustained 4 KiB
-//! random writes it costs a RocksDB insert per request and splits the data file's preallocated extents into
-//! ever smaller pieces (ext4 extent lookups and RocksDB memtable inserts took ~40 % of the NBD thread), so
-//! after a snapshot it ran at half the speed of the full copy-up.
+//! The new cluster is written whole, zero-padded around the data (the mask hides the padding): writing only
+//! the touched sub-clusters leaves the data file's preallocated (unwritten) extents to be split by every later
+//! small write into the cluster, and the file's extent tree fragmented for good.
+//!
+//! Measured (4 KiB random writes at QD32 right after a snapshot; "NBD" = one connection, 8 s, 2 GiB VDI filled
+//! first, so most writes land in clusters already redirected; "engine" = `engine-bench.sh`, 5 s, 1 GiB, mostly
+//! first writes): full copy-up (the old rule) 26.9k IOPS NBD / 7.4k engine; partial entries with a metadata commit
+//! per widening 24.5k / 41.8k (a RocksDB memtable insert per request); completing the cluster on its second write
+//! 15.7k NBD; partial entries with deferred widenings but no padding 22.3k / 42.0k (ext4 extent splitting ~17 % of
+//! the NBD thread); with padding (this design) 33.4k / 18.3k.
 //!
 //! Durability: a write is durable after `flush` (fdatasync of the data file, then RocksDB WAL sync) or at once
 //! with FUA (RWF_DSYNC data write, synced batch).
@@ -1152,5 +1157,32 @@ impl BlockDevice for Volume {
             push(pos * cs, last * cs, ExtentKind::Hole);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_cluster_masks() {
+        let cs = 65536;
+        assert_eq!(sub_count(cs), 32);
+        assert_eq!(sub_mask(cs, 0, 4096), 0b11);
+        assert_eq!(sub_mask(cs, 2560, 512), 0b10);
+        assert_eq!(
+            sub_mask(cs, 2047, 2),
+            0b11,
+            "a write straddling two sub-clusters touches both"
+        );
+        assert_eq!(sub_mask(cs, cs - 2048, 2048), 1 << 31);
+        assert_eq!(sub_mask(cs, 0, cs), FULL_MASK);
+        // Small clusters: sub-clusters are never under a sector.
+        assert_eq!(sub_count(4096), 8);
+        assert_eq!(sub_mask(4096, 512, 1024), 0b110);
+        assert_eq!(sub_mask(4096, 0, 4096), FULL_MASK);
+        assert_eq!(mask_union(4096, 0b0000_1111, 0b1111_0000), FULL_MASK);
+        assert_eq!(mask_union(cs, 0b01, 0b10), 0b11);
+        assert_eq!(mask_union(cs, u32::MAX >> 1, 1 << 31), FULL_MASK);
     }
 }

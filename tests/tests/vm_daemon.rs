@@ -354,6 +354,50 @@ fn vm_on_a_vdi_through_the_daemon() {
     d.stop();
 }
 
+/// `--no-acpi` (Linux kernels that find virtio-mmio disks on their command line) is kept in the definition and
+/// shown; it makes no sense without a kernel.
+#[test]
+fn vm_no_acpi_is_recorded_and_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("state"));
+    let image = tmp.path().join("vmlinux");
+    std::fs::write(&image, [0u8; 16]).unwrap();
+    let img = s(&image);
+    d.shale([
+        "vm",
+        "create",
+        "--name",
+        "old",
+        "--memory",
+        "64M",
+        "--kernel",
+        &img,
+        "--no-acpi",
+    ])
+    .ok();
+    d.shale([
+        "vm", "create", "--name", "new", "--memory", "64M", "--kernel", &img,
+    ])
+    .ok();
+    assert!(d
+        .shale(["vm", "show", "old"])
+        .ok()
+        .stdout
+        .contains("acpi:      off"));
+    assert!(!d.shale(["vm", "show", "new"]).ok().stdout.contains("acpi:"));
+    assert_eq!(show(&d, "old")["boot"]["no_acpi"], Value::Bool(true));
+    for (extra, msg) in [
+        (["--no-acpi", ""], "--no-acpi needs --kernel"),
+        (["--initrd", img.as_str()], "--initrd needs --kernel"),
+    ] {
+        let mut args = vec![
+            "vm", "create", "--name", "flat", "--memory", "64M", "--flat", &img,
+        ];
+        args.extend(extra.into_iter().filter(|a| !a.is_empty()));
+        d.shale(args).fails_with(&[msg]).one_line_error();
+    }
+}
+
 #[test]
 fn vm_bad_input_fails_with_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();

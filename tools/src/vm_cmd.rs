@@ -92,9 +92,13 @@ pub struct ShapeArgs {
     /// Initial ramdisk (with --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line (with --kernel); the VMM adds the virtio_mmio device entries.
+    /// Kernel command line (with --kernel).
     #[arg(long, default_value = "console=ttyS0", requires = "kernel")]
     cmdline: String,
+    /// Describe the disks to the kernel on its command line (`virtio_mmio.device=`) instead of ACPI tables
+    /// (with --kernel; for kernels with VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI).
+    #[arg(long, requires = "kernel")]
+    no_acpi: bool,
 }
 
 /// `shale vm create`.
@@ -249,7 +253,22 @@ pub async fn run(socket: Option<PathBuf>, json: bool, cmd: VmCommand) -> Result<
     Ok(0)
 }
 
+/// Options that only mean something for a Linux kernel. (clap's `requires` does not see through the flattened
+/// boot group, so this is checked here.)
+fn check_linux_only(s: &ShapeArgs) -> Result<()> {
+    if s.boot.kernel.is_none() {
+        if s.initrd.is_some() {
+            bail!("--initrd needs --kernel");
+        }
+        if s.no_acpi {
+            bail!("--no-acpi needs --kernel (flat binaries get no ACPI tables)");
+        }
+    }
+    Ok(())
+}
+
 fn boot_proto(s: &ShapeArgs) -> Result<proto::VmBoot> {
+    check_linux_only(s)?;
     if let Some(k) = &s.boot.kernel {
         Ok(proto::VmBoot {
             kind: "linux".into(),
@@ -261,6 +280,7 @@ fn boot_proto(s: &ShapeArgs) -> Result<proto::VmBoot> {
                 .transpose()?
                 .map(|p| p.display().to_string()),
             cmdline: s.cmdline.clone(),
+            no_acpi: s.no_acpi,
         })
     } else if let Some(f) = &s.boot.flat {
         Ok(proto::VmBoot {
@@ -268,6 +288,7 @@ fn boot_proto(s: &ShapeArgs) -> Result<proto::VmBoot> {
             image: absolute(f)?.display().to_string(),
             initrd: None,
             cmdline: String::new(),
+            no_acpi: false,
         })
     } else {
         bail!("give --kernel FILE or --flat FILE")
@@ -353,6 +374,9 @@ fn show_text(v: &proto::Vm) -> String {
         if !b.cmdline.is_empty() {
             s += &format!("cmdline:   {}\n", b.cmdline);
         }
+        if b.no_acpi {
+            s += "acpi:      off (disks on the command line)\n";
+        }
     }
     for (i, d) in v.disks.iter().enumerate() {
         let dev = format!("vd{}", (b'a' + i as u8) as char);
@@ -412,6 +436,7 @@ async fn run_foreground(a: RunArgs) -> Result<u8> {
             format_size(s.memory)
         );
     }
+    check_linux_only(s)?;
     let boot = match (&s.boot.kernel, &s.boot.flat) {
         (Some(k), _) => BootSource::Linux {
             kernel: existing("kernel", k)?,
@@ -429,6 +454,7 @@ async fn run_foreground(a: RunArgs) -> Result<u8> {
     let vcpus = u8::try_from(s.vcpus).context("invalid vCPU count")?;
     let mut cfg = VmConfig::new("run", s.memory, boot);
     cfg.vcpus = vcpus;
+    cfg.acpi = !s.no_acpi;
     cfg.cpuid = CpuidPolicy::for_host();
     cfg.console_tee = Some(Box::new(StdoutTee));
     // One I/O thread serves the disks (its own io_uring ring, no cross-thread handoff per request); it lives until

@@ -98,6 +98,9 @@ enum BootDef {
         kernel: PathBuf,
         initrd: Option<PathBuf>,
         cmdline: String,
+        /// Disks on the command line instead of ACPI tables (absent in definitions from before the option).
+        #[serde(default)]
+        no_acpi: bool,
     },
     Flat {
         image: PathBuf,
@@ -340,17 +343,20 @@ impl VmManager {
                 kernel,
                 initrd,
                 cmdline,
+                no_acpi,
             } => proto::VmBoot {
                 kind: "linux".into(),
                 image: kernel.display().to_string(),
                 initrd: initrd.as_ref().map(|p| p.display().to_string()),
                 cmdline: cmdline.clone(),
+                no_acpi: *no_acpi,
             },
             BootDef::Flat { image } => proto::VmBoot {
                 kind: "flat".into(),
                 image: image.display().to_string(),
                 initrd: None,
                 cmdline: String::new(),
+                no_acpi: false,
             },
         };
         let console_bytes = match &e.run {
@@ -423,6 +429,7 @@ impl VmManager {
                     kernel,
                     initrd,
                     cmdline: boot.cmdline,
+                    no_acpi: boot.no_acpi,
                 }
             }
             "flat" => {
@@ -565,17 +572,21 @@ impl VmManager {
             });
             devices.push(dev);
         }
-        let boot = match &def.boot {
+        let (boot, acpi) = match &def.boot {
             BootDef::Linux {
                 kernel,
                 initrd,
                 cmdline,
-            } => BootSource::Linux {
-                kernel: kernel.clone(),
-                initrd: initrd.clone(),
-                cmdline: cmdline.clone(),
-            },
-            BootDef::Flat { image } => BootSource::FlatBinary(image.clone()),
+                no_acpi,
+            } => (
+                BootSource::Linux {
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    cmdline: cmdline.clone(),
+                },
+                !no_acpi,
+            ),
+            BootDef::Flat { image } => (BootSource::FlatBinary(image.clone()), true),
         };
         let console_path = self.console_path(&def.name);
         let io_err = |what: &str, e| VmError::Io(format!("{what} {}", console_path.display()), e);
@@ -588,6 +599,7 @@ impl VmManager {
             .map_err(|_| VmError::InvalidArgument(format!("invalid vCPU count {}", def.vcpus)))?;
         let mut cfg = VmConfig::new(def.name.clone(), def.memory, boot);
         cfg.vcpus = vcpus;
+        cfg.acpi = acpi;
         cfg.disks = disks;
         cfg.cpuid = CpuidPolicy::for_host();
         cfg.console_tee = Some(Box::new(tee));

@@ -32,6 +32,17 @@ fn boot_until(
     needles: &[&str],
     timeout: Duration,
 ) -> (bool, String) {
+    boot_until_with(kernel, initrd, cmdline, needles, timeout, true)
+}
+
+fn boot_until_with(
+    kernel: std::path::PathBuf,
+    initrd: Option<std::path::PathBuf>,
+    cmdline: &str,
+    needles: &[&str],
+    timeout: Duration,
+    acpi: bool,
+) -> (bool, String) {
     let mut cfg = VmConfig::new(
         "linux-boot",
         256 << 20,
@@ -42,7 +53,8 @@ fn boot_until(
         },
     );
     cfg.cpuid = CpuidPolicy::for_host();
-    // One disk, so the DSDT carries a virtio-mmio device.
+    cfg.acpi = acpi;
+    // One disk, so the DSDT (or, without ACPI, the command line) carries a virtio-mmio device.
     let dir = tempfile::tempdir().expect("tempdir");
     cfg.disks.push(shale_vmm::vm::Disk {
         device: common::file_disk(&dir.path().join("disk.raw"), 1 << 20, false),
@@ -92,6 +104,33 @@ fn debian_kernel_prints_banner_on_early_console() {
     assert!(
         seen,
         "kernel banner/command line/e820 did not appear; console:\n{text}"
+    );
+}
+
+/// With ACPI off (`VmConfig::acpi`, `shale vm create/run --no-acpi`), the disk is described on the kernel's
+/// command line instead, and no ACPI tables are offered.
+#[test]
+fn debian_kernel_without_acpi_gets_the_disk_on_its_command_line() {
+    if !common::kvm_available() {
+        return;
+    }
+    let Some(bz) = kernel() else { return };
+    let vmlinux = common::kernel::extract_vmlinux(&bz).expect("extract vmlinux");
+    let (seen, text) = boot_until_with(
+        vmlinux,
+        None,
+        "earlyprintk=serial,ttyS0,115200 console=ttyS0 nokaslr",
+        &["Command line:", "virtio_mmio.device=4K@0x", "BIOS-e820:"],
+        Duration::from_secs(180),
+        false,
+    );
+    assert!(
+        seen,
+        "command line with the disk did not appear; console:\n{text}"
+    );
+    assert!(
+        !text.contains("ACPI: RSDP 0x00000000000E0000"),
+        "ACPI tables offered with ACPI off; console:\n{text}"
     );
 }
 
