@@ -76,13 +76,14 @@ fi
 mkdir -p "$DIR"
 RAW="$DIR/base.raw"
 QCOW="$DIR/base.qcow2"
+SNAPBASE="$DIR/snapbase.qcow2"
 STATE="$DIR/shale-state"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$STATE"
-    if [[ $KEEP -eq 0 ]]; then rm -f "$RAW" "$QCOW" "$DIR"/snap-*.qcow2 "$DIR"/*.sock; fi
+    if [[ $KEEP -eq 0 ]]; then rm -f "$RAW" "$QCOW" "$SNAPBASE" "$DIR"/snap-*.qcow2 "$DIR"/*.sock; fi
 }
 trap cleanup EXIT
 
@@ -99,6 +100,12 @@ if wanted qemu-qcow2 || wanted qemu-qcow2-snap; then
         echo "# converting to $QCOW" >&2
         qemu-img convert -f raw -O qcow2 "$RAW" "$QCOW"
     fi
+fi
+if wanted qemu-qcow2-snap; then
+    # The snapshot chain's base is its own copy: the qemu-qcow2 target writes into $QCOW.
+    echo "# copying $QCOW to $SNAPBASE" >&2
+    cp --reflink=auto "$QCOW" "$SNAPBASE"
+    SNAP_BACKING=$SNAPBASE
 fi
 
 wait_sock() {
@@ -181,7 +188,6 @@ DAEMON_PID=""
 SNAPV_URI=""
 SNAP_N=0
 QSNAP_N=0
-SNAP_BACKING=$QCOW
 shale_cli() { "$SHALE_CLI" --socket "$STATE/s.sock" "$@"; }
 if wanted shale-thin || wanted shale-thin-snap; then
     rm -rf "$STATE"
