@@ -281,6 +281,9 @@ pub(crate) fn resolve(
     }
 }
 
+/// The entries one cluster's data comes from, newest first (at most two; see [`resolve_layers`]).
+pub(crate) type Layers = smallvec::SmallVec<[Loc; 2]>;
+
 /// Every entry a read of `cluster` at the view (vs, epoch) may need, newest first: the entry [`resolve`]
 /// finds, and while that is partial, the entry beneath it (an older entry of the same volume, else the parent
 /// view's). Ends at a full entry, or when nothing is beneath (those sub-clusters read as zeroes).
@@ -292,8 +295,8 @@ pub(crate) fn resolve_layers(
     vs: &Arc<VolState>,
     cluster: u64,
     epoch: u64,
-) -> EResult<Vec<Loc>> {
-    let mut out = Vec::new();
+) -> EResult<Layers> {
+    let mut out = Layers::new();
     let mut v = vs.clone();
     let mut e = epoch;
     loop {
