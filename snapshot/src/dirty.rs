@@ -9,9 +9,10 @@
 //! data beneath), which is what an unflushed write may do.
 //!
 //! Safety rule: a deferred widening must never be applied after another batch changed or deleted the same map
-//! key. Every batch that writes or deletes a map entry that may be dirty takes this map's lock, removes the key
-//! and writes the batch before releasing the lock; [`commit_all`] writes its batch under the same lock. Only
-//! head-owned partial entries are ever dirty, so no snapshot or clone reads one.
+//! key. Every batch that writes or deletes a map entry that may be dirty is written under the commit guard and
+//! forgets the key's widening before releasing it; [`commit_all`] writes its batch under the same guard.
+//! Lookups take only the map's own short lock (never the guard), so a large commit does not stall the data path.
+//! Only head-owned partial entries are ever dirty, so no snapshot or clone reads one.
 
 use std::sync::Arc;
 
@@ -22,13 +23,23 @@ use crate::engine::Inner;
 use crate::error::Result;
 use crate::keys;
 
-/// (volume, cluster, epoch of the entry) → (physical cluster, widened mask).
-pub(crate) type DirtyMap = rustc_hash::FxHashMap<(u64, u64, u64), (u64, u32)>;
+/// A map entry: (volume, cluster, epoch).
+pub(crate) type EntryKey = (u64, u64, u64);
+
+/// A widening: (physical cluster, widened mask).
+pub(crate) type Widening = (u64, u32);
+
+/// Entry → its pending widening.
+pub(crate) type DirtyMap = rustc_hash::FxHashMap<EntryKey, Widening>;
 
 /// The deferred widenings of one SR.
 #[derive(Debug, Default)]
 pub(crate) struct Dirty {
+    /// Pending widenings; locked only briefly (lookups consult it).
     map: Mutex<DirtyMap>,
+    /// Held across the RocksDB write of any batch that commits widenings or changes a map entry that may have one
+    /// pending, so a commit never writes a widening over a newer change of the same entry.
+    commit: Mutex<()>,
 }
 
 impl Dirty {
@@ -37,42 +48,57 @@ impl Dirty {
         self.map.lock().get(&(vol, cluster, epoch)).map(|&(_, m)| m)
     }
 
-    /// Record a widening (the data is already written in place).
+    /// Record a widening (the data is already written in place). Caller holds the cluster's stripe exclusively.
     pub fn widen(&self, vol: u64, cluster: u64, epoch: u64, pcluster: u64, mask: u32) {
         self.map
             .lock()
             .insert((vol, cluster, epoch), (pcluster, mask));
     }
 
-    /// Lock the map: held by a caller across the RocksDB write of a batch that changes map keys (see the module
-    /// docs), after removing those keys.
-    pub fn lock(&self) -> MutexGuard<'_, DirtyMap> {
-        self.map.lock()
+    /// Serialise a batch that changes map entries with commits of widenings: hold the guard across the batch's
+    /// write, and [`Dirty::forget_key`] each entry it changed before releasing it.
+    pub fn commit_guard(&self) -> MutexGuard<'_, ()> {
+        self.commit.lock()
+    }
+
+    /// Drop a pending widening superseded by a batch the caller wrote under [`Dirty::commit_guard`].
+    pub fn forget_key(&self, vol: u64, cluster: u64, epoch: u64) {
+        self.map.lock().remove(&(vol, cluster, epoch));
     }
 
     /// Whether anything is pending.
     pub fn is_empty(&self) -> bool {
         self.map.lock().is_empty()
     }
-}
 
-/// Put the pending widenings of `vol` into `b` (the caller forgets them with [`forget`] once `b` is written).
-pub(crate) fn put_pending(map: &DirtyMap, vol: u64, b: &mut WriteBatch) {
-    for (&(v, c, e), &(p, mask)) in map.iter().filter(|(k, _)| k.0 == vol) {
-        keys::put_map(b, &keys::map(v, c, e), p, mask);
-    }
-}
-
-/// Forget the pending widenings of `vol`, committed by the caller's batch: the lookup cache, which holds
-/// committed entries, takes the widened masks.
-pub(crate) fn forget(inner: &Inner, map: &mut DirtyMap, vol: u64) {
-    map.retain(|&(v, c, e), &mut (_, mask)| {
-        if v != vol {
-            return true;
+    /// Put the pending widenings of `vol` (all volumes if `None`) into `b`; returns what was put, for
+    /// [`Dirty::committed`]. Caller holds [`Dirty::commit_guard`].
+    pub fn put_pending(&self, vol: Option<u64>, b: &mut WriteBatch) -> Vec<(EntryKey, Widening)> {
+        let taken: Vec<_> = self
+            .map
+            .lock()
+            .iter()
+            .filter(|(k, _)| vol.is_none_or(|v| k.0 == v))
+            .map(|(&k, &v)| (k, v))
+            .collect();
+        for &((v, c, e), (p, mask)) in &taken {
+            keys::put_map(b, &keys::map(v, c, e), p, mask);
         }
-        to_cache(inner, v, c, e, mask);
-        false
-    });
+        taken
+    }
+
+    /// After the batch holding `taken` is written (still under [`Dirty::commit_guard`]): the lookup cache, which
+    /// holds committed entries, takes the committed masks, and widenings no newer than what was committed stop
+    /// being pending. (A widening recorded meanwhile stays pending: its mask is wider.)
+    pub fn committed(&self, inner: &Inner, taken: Vec<(EntryKey, Widening)>) {
+        for ((v, c, e), (_, mask)) in taken {
+            to_cache(inner, v, c, e, mask);
+            let mut map = self.map.lock();
+            if map.get(&(v, c, e)).is_some_and(|&(_, m)| m == mask) {
+                map.remove(&(v, c, e));
+            }
+        }
+    }
 }
 
 /// Set the mask of cached lookups that found the entry (vol, cluster, epoch).
@@ -89,17 +115,16 @@ fn to_cache(inner: &Inner, vol: u64, cluster: u64, epoch: u64, mask: u32) {
 /// Commit every pending widening in one batch (not synced: `flush` syncs the WAL right after). On failure they
 /// stay pending and the next flush retries.
 pub(crate) fn commit_all(inner: &Arc<Inner>) -> Result<()> {
-    let mut map = inner.dirty.lock();
-    if map.is_empty() {
+    if inner.dirty.is_empty() {
         return Ok(());
     }
+    let _guard = inner.dirty.commit_guard();
     let mut b = WriteBatch::default();
-    for (&(v, c, e), &(p, mask)) in map.iter() {
-        keys::put_map(&mut b, &keys::map(v, c, e), p, mask);
+    let taken = inner.dirty.put_pending(None, &mut b);
+    if taken.is_empty() {
+        return Ok(());
     }
     inner.write(b, false)?;
-    for ((v, c, e), (_, mask)) in map.drain() {
-        to_cache(inner, v, c, e, mask);
-    }
+    inner.dirty.committed(inner, taken);
     Ok(())
 }

@@ -851,10 +851,10 @@ impl Engine {
         b.put(keys::volume(vs.id), records::encode(&vrec)?);
         {
             // The snapshot freezes the head's partial entries: their pending widenings go in the same batch.
-            let mut dirty = self.inner.dirty.lock();
-            crate::dirty::put_pending(&dirty, vs.id, &mut b);
+            let _commit = self.inner.dirty.commit_guard();
+            let taken = self.inner.dirty.put_pending(Some(vs.id), &mut b);
             self.inner.write(b, true)?;
-            crate::dirty::forget(&self.inner, &mut dirty, vs.id);
+            self.inner.dirty.committed(&self.inner, taken);
         }
         vs.views.lock().insert(e);
         vs.epoch.store(e + 1, Ordering::Release);

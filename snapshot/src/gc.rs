@@ -243,10 +243,10 @@ impl Engine {
                 // Synced: the clusters are reused right after, so the batch freeing them must be durable first.
                 // Pending widenings of deleted entries must never be committed after this batch.
                 {
-                    let mut dirty = inner.dirty.lock();
+                    let _commit = inner.dirty.commit_guard();
                     inner.write(b, true)?;
                     for (c, e) in purged {
-                        dirty.remove(&(vol, c, e));
+                        inner.dirty.forget_key(vol, c, e);
                     }
                 }
                 inner.reclaimed.fetch_add(bytes, Ordering::Relaxed);

@@ -154,7 +154,14 @@ pub(crate) type CachedLookups = smallvec::SmallVec<[(u64, Option<Loc>); 2]>;
 
 /// One shard of the lookup cache: (vol, cluster) → [`CachedLookups`]. Keyed with FxHash: the keys are our own
 /// integers (no hash-flooding exposure), and SipHash showed up in NBD read profiles.
-pub(crate) type CacheShard = rustc_hash::FxHashMap<(u64, u64), CachedLookups>;
+#[derive(Debug, Default)]
+pub(crate) struct CacheShard {
+    map: rustc_hash::FxHashMap<(u64, u64), CachedLookups>,
+    /// Bumped by every edit. A lookup that read RocksDB caches its answer only if no edit happened meanwhile:
+    /// commits of pending widenings (`dirty`) change entries without the cluster's stripe lock, so a lookup could
+    /// otherwise cache what it read just before such a commit, after the commit updated the cache.
+    generation: u64,
+}
 
 /// Entries per cache shard before the shard is cleared (about a million entries in all).
 const CACHE_SHARD_CAP: usize = 1024;
@@ -173,44 +180,59 @@ pub(crate) fn lookup_own(
     cluster: u64,
     epoch: u64,
 ) -> EResult<Option<Loc>> {
-    let r = lookup_stored(inner, vol, cluster, epoch)?;
-    // A partial entry's mask may have been widened by writes whose metadata is not committed yet (`dirty`).
-    Ok(r.map(|mut l| {
-        if !l.is_full() {
-            if let Some(m) = inner.dirty.mask(vol, cluster, l.epoch) {
-                l.mask = m;
-            }
+    let shard = &inner.cache[Inner::shard(vol, cluster)];
+    loop {
+        let (r, generation) = lookup_stored(inner, vol, cluster, epoch)?;
+        let Some(mut l) = r.filter(|l| !l.is_full()) else {
+            return Ok(r);
+        };
+        // A partial entry's mask may have been widened by writes whose metadata is not committed yet (`dirty`).
+        // A commit of widenings writes RocksDB, then edits the cache (bumping the shard's generation), then drops
+        // the pending widening; if that happened while we looked, what we read may predate the commit while the
+        // widening is already gone: look again.
+        if let Some(m) = inner.dirty.mask(vol, cluster, l.epoch) {
+            l.mask = m;
         }
-        l
-    }))
+        if shard.lock().generation == generation {
+            return Ok(Some(l));
+        }
+    }
 }
 
 /// [`lookup_own`] as committed to RocksDB (cached), before pending widenings.
-fn lookup_stored(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<Option<Loc>> {
+/// Also returns the cache shard's generation at the time of the read.
+fn lookup_stored(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<(Option<Loc>, u64)> {
     let shard = &inner.cache[Inner::shard(vol, cluster)];
-    if let Some(v) = shard.lock().get(&(vol, cluster)) {
-        if let Some(&(_, r)) = v.iter().find(|(e, _)| *e == epoch) {
-            return Ok(r);
+    let generation = {
+        let g = shard.lock();
+        if let Some(v) = g.map.get(&(vol, cluster)) {
+            if let Some(&(_, r)) = v.iter().find(|(e, _)| *e == epoch) {
+                return Ok((r, g.generation));
+            }
         }
-    }
+        g.generation
+    };
     let r = lookup_own_db(inner, vol, cluster, epoch)?;
     let mut g = shard.lock();
-    if g.len() >= CACHE_SHARD_CAP {
-        g.clear();
+    if g.generation != generation {
+        return Ok((r, generation));
     }
-    let v = g.entry((vol, cluster)).or_default();
+    if g.map.len() >= CACHE_SHARD_CAP {
+        g.map.clear();
+    }
+    let v = g.map.entry((vol, cluster)).or_default();
     if v.len() >= 4 {
         v.remove(0);
     }
     v.push((epoch, r));
-    Ok(r)
+    Ok((r, generation))
 }
 
 /// Forget cached lookups of (vol, cluster); called under its exclusive stripe lock after changing its entries.
 pub(crate) fn invalidate(inner: &Inner, vol: u64, cluster: u64) {
-    inner.cache[Inner::shard(vol, cluster)]
-        .lock()
-        .remove(&(vol, cluster));
+    let mut shard = inner.cache[Inner::shard(vol, cluster)].lock();
+    shard.generation += 1;
+    shard.map.remove(&(vol, cluster));
 }
 
 /// Edit the cached lookups of (vol, cluster) after a change the caller knows the exact effect of; called, like
@@ -224,7 +246,8 @@ pub(crate) fn cache_edit(
     edit: impl FnOnce(&mut CachedLookups),
 ) {
     let mut shard = inner.cache[Inner::shard(vol, cluster)].lock();
-    if let Some(v) = shard.get_mut(&(vol, cluster)) {
+    shard.generation += 1;
+    if let Some(v) = shard.map.get_mut(&(vol, cluster)) {
         edit(v);
     }
 }
@@ -401,9 +424,9 @@ pub(crate) async fn fold_partial(
     b.merge(keys::RECLAIMED, cs.to_be_bytes());
     {
         // Synced: the freed cluster is reused right after. Any pending widening of the entry is superseded.
-        let mut dirty = inner.dirty.lock();
+        let _commit = inner.dirty.commit_guard();
         inner.write(b, true)?;
-        dirty.remove(&(vs.id, cluster, top.epoch));
+        inner.dirty.forget_key(vs.id, cluster, top.epoch);
     }
     invalidate(inner, vs.id, cluster);
     vs.add_count(base.epoch, -1);
@@ -871,11 +894,11 @@ impl Volume {
     }
 
     /// Write a batch that changes the head's entry (vol, c, epoch), dropping any pending widening of it under the
-    /// dirty map's lock (see [`crate::dirty`]).
+    /// commit guard (see [`crate::dirty`]).
     fn commit_entry_change(&self, b: WriteBatch, c: u64, epoch: u64, sync: bool) -> EResult<()> {
-        let mut dirty = self.inner.dirty.lock();
+        let _commit = self.inner.dirty.commit_guard();
         self.inner.write(b, sync)?;
-        dirty.remove(&(self.vol.id, c, epoch));
+        self.inner.dirty.forget_key(self.vol.id, c, epoch);
         Ok(())
     }
 
