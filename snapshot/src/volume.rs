@@ -163,6 +163,12 @@ pub(crate) struct CacheShard {
     generation: u64,
 }
 
+/// A piece of a read: (offset in the caller's buffer, length, byte offset in the data file or `None` for zeroes).
+type Segment = (usize, usize, Option<u64>);
+
+/// Largest read that [`Volume::read_segments`] makes by merging neighbouring segments.
+const MAX_MERGED_READ: u64 = 4 << 20;
+
 /// Entries per cache shard before the shard is cleared (about a million entries in all).
 const CACHE_SHARD_CAP: usize = 1024;
 
@@ -539,74 +545,97 @@ impl Volume {
     }
 
     /// Read bytes [in_off, in_off + buf.len()) of a cluster whose entries are `layers` (newest first, from
-    /// [`resolve_layers`]): each sub-cluster comes from the newest layer holding it, or reads as zeroes. One I/O
-    /// per run of sub-clusters from the same layer. The caller holds the cluster's stripe.
-    async fn read_layers(&self, layers: &[Loc], in_off: u64, mut buf: IoBuf) -> BResult<IoBuf> {
+    /// [`resolve_layers`]): each sub-cluster comes from the newest layer holding it, or reads as zeroes. The
+    /// caller holds the cluster's stripe.
+    async fn read_layers(&self, layers: &[Loc], in_off: u64, buf: IoBuf) -> BResult<IoBuf> {
+        let mut segs = Vec::new();
+        self.segments(layers, in_off, buf.len() as u64, 0, &mut segs);
+        self.read_segments(&segs, buf).await
+    }
+
+    /// Append the segments of a cluster read (see [`Volume::read_layers`]) as (offset in the caller's buffer,
+    /// length, byte offset in the data file or `None` for zeroes), merging neighbours with the same source.
+    fn segments(&self, layers: &[Loc], in_off: u64, len: u64, at: u64, out: &mut Vec<Segment>) {
         let cs = self.cs();
         let sub = cs / sub_count(cs);
-        let end = in_off + buf.len() as u64;
-        let source = |i: u64| {
-            layers
-                .iter()
-                .find(|l| l.mask & (1u32 << i) != 0)
-                .map(|l| l.pcluster)
-                .filter(|&p| p != ZERO_CLUSTER)
-        };
-        // (start, end, physical cluster or None for zeroes), in offsets within the cluster.
-        let mut runs: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        let end = in_off + len;
         let mut pos = in_off;
         while pos < end {
             let i = pos / sub;
             let stop = ((i + 1) * sub).min(end);
-            let p = source(i);
-            match runs.last_mut() {
-                Some(r) if r.2 == p && r.1 == pos => r.1 = stop,
-                _ => runs.push((pos, stop, p)),
+            let src = layers
+                .iter()
+                .find(|l| l.mask & (1u32 << i) != 0)
+                .map(|l| l.pcluster)
+                .filter(|&p| p != ZERO_CLUSTER)
+                .map(|p| p * cs + pos);
+            let dst = (at + pos - in_off) as usize;
+            match out.last_mut() {
+                Some(s)
+                    if s.0 + s.1 == dst
+                        && match (s.2, src) {
+                            (Some(x), Some(y)) => x + s.1 as u64 == y,
+                            (None, None) => true,
+                            _ => false,
+                        } =>
+                {
+                    s.1 += (stop - pos) as usize
+                }
+                _ => out.push((dst, (stop - pos) as usize, src)),
             }
             pos = stop;
         }
-        if let [(_, _, Some(p))] = runs.as_slice() {
-            let (r, out) = self
-                .inner
-                .io
-                .read_at(&self.inner.data, p * cs + in_off, buf)
-                .await;
-            r.map_err(BlockError::from_io)?;
-            return Ok(out);
-        }
-        // One read per source cluster, spanning all of its runs: a cluster written in scattered small pieces
-        // alternates between the layers every few sub-clusters, and a few larger reads beat many small ones.
-        let mut spans: Vec<(u64, u64, u64)> = Vec::new();
-        for &(a, b, p) in &runs {
-            let Some(p) = p else { continue };
-            match spans.iter_mut().find(|s| s.0 == p) {
-                Some(s) => s.2 = b,
-                None => spans.push((p, a, b)),
+    }
+
+    /// Fill `buf` from `segs`. Segments are read in as few I/Os as their places in the data file allow: sorted by
+    /// file offset, neighbours less than a cluster apart share one read (the gap is read and dropped). A cluster
+    /// written in scattered small pieces after a snapshot alternates between two layers every few sub-clusters;
+    /// a few larger reads beat many small ones, and the clusters beneath, often contiguous, merge across clusters.
+    async fn read_segments(&self, segs: &[Segment], mut buf: IoBuf) -> BResult<IoBuf> {
+        let cs = self.cs();
+        if let [(0, len, Some(off))] = segs {
+            if *len == buf.len() {
+                let (r, out) = self.inner.io.read_at(&self.inner.data, *off, buf).await;
+                r.map_err(BlockError::from_io)?;
+                return Ok(out);
             }
         }
-        let reads = spans.iter().map(|&(p, a, b)| async move {
+        let mut by_file: Vec<(u64, usize, usize)> = segs
+            .iter()
+            .filter_map(|&(dst, len, src)| src.map(|o| (o, len, dst)))
+            .collect();
+        by_file.sort_unstable();
+        // (file offset, length) of each read, and for each segment which read holds it.
+        let mut reads: Vec<(u64, u64)> = Vec::new();
+        let mut home = Vec::with_capacity(by_file.len());
+        for &(off, len, _) in &by_file {
+            let end = off + len as u64;
+            match reads.last_mut() {
+                Some(r) if off <= r.0 + r.1 + cs && end - r.0 <= MAX_MERGED_READ => {
+                    r.1 = r.1.max(end - r.0)
+                }
+                _ => reads.push((off, len as u64)),
+            }
+            home.push(reads.len() - 1);
+        }
+        let parts = try_join_all(reads.iter().map(|&(off, len)| async move {
             let (r, part) = self
                 .inner
                 .io
-                .read_at(
-                    &self.inner.data,
-                    p * cs + a,
-                    IoBuf::for_overwrite((b - a) as usize),
-                )
+                .read_at(&self.inner.data, off, IoBuf::for_overwrite(len as usize))
                 .await;
-            r.map(|()| (p, a, part)).map_err(BlockError::from_io)
-        });
-        let parts = try_join_all(reads).await?;
+            r.map(|()| part).map_err(BlockError::from_io)
+        }))
+        .await?;
         let out = buf.as_mut_slice();
-        for &(a, b, p) in &runs {
-            let dst = (a - in_off) as usize..(b - in_off) as usize;
-            match p.and_then(|p| parts.iter().find(|x| x.0 == p)) {
-                Some((_, start, part)) => {
-                    let src = (a - start) as usize..(b - start) as usize;
-                    out[dst].copy_from_slice(&part[src]);
-                }
-                None => out[dst].fill(0),
+        for &(dst, len, src) in segs {
+            if src.is_none() {
+                out[dst..dst + len].fill(0);
             }
+        }
+        for (&(off, len, dst), &h) in by_file.iter().zip(&home) {
+            let from = (off - reads[h].0) as usize;
+            out[dst..dst + len].copy_from_slice(&parts[h][from..from + len]);
         }
         Ok(buf)
     }
@@ -643,21 +672,15 @@ impl Volume {
             );
         }
         if partial {
-            // Some cluster is only partly its top entry's: assemble each piece from its layers.
-            let parts = try_join_all(pieces.iter().map(|&(c, in_off, n, at)| async move {
+            // Some cluster is only partly its top entry's: assemble the request from every piece's layers.
+            let mut segs = Vec::new();
+            for &(c, in_off, n, at) in pieces {
                 let layers = resolve_layers(&self.inner, &self.vol, c, epoch)?;
-                let part = self
-                    .read_layers(&layers, in_off, IoBuf::for_overwrite(n as usize))
-                    .await?;
-                Ok::<_, BlockError>((at as usize, part))
-            }))
-            .await?;
-            drop(guards);
-            let out = buf.as_mut_slice();
-            for (at, part) in parts {
-                out[at..at + part.len()].copy_from_slice(&part);
+                self.segments(&layers, in_off, n, at, &mut segs);
             }
-            return Ok(buf);
+            let out = self.read_segments(&segs, buf).await?;
+            drop(guards);
+            return Ok(out);
         }
         // Group consecutive pieces into runs of consecutive physical clusters; each hole is a run of its own.
         let mut runs: Vec<(usize, usize)> = Vec::new();
