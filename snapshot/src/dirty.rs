@@ -9,14 +9,14 @@
 //! data beneath), which is what an unflushed write may do.
 //!
 //! Safety rule: a deferred widening must never be applied after another batch changed or deleted the same map
-//! key. Every batch that writes or deletes a map entry that may be dirty is written under the commit guard and
-//! forgets the key's widening before releasing it; [`commit_all`] writes its batch under the same guard.
+//! key. Every batch that writes or deletes a map entry that may be dirty goes through [`Dirty::write_changing`],
+//! which writes it under the commit guard and forgets the key's widening; [`commit_all`] writes under the same guard.
 //! Lookups take only the map's own short lock (never the guard), so a large commit does not stall the data path.
 //! Only head-owned partial entries are ever dirty, so no snapshot or clone reads one.
 
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use rocksdb::WriteBatch;
 
 use crate::engine::Inner;
@@ -39,7 +39,7 @@ pub(crate) struct Dirty {
     map: Mutex<DirtyMap>,
     /// Held across the RocksDB write of any batch that commits widenings or changes a map entry that may have one
     /// pending, so a commit never writes a widening over a newer change of the same entry.
-    commit: Mutex<()>,
+    pub(crate) commit: Mutex<()>,
 }
 
 impl Dirty {
@@ -55,15 +55,22 @@ impl Dirty {
             .insert((vol, cluster, epoch), (pcluster, mask));
     }
 
-    /// Serialise a batch that changes map entries with commits of widenings: hold the guard across the batch's
-    /// write, and [`Dirty::forget_key`] each entry it changed before releasing it.
-    pub fn commit_guard(&self) -> MutexGuard<'_, ()> {
-        self.commit.lock()
-    }
-
-    /// Drop a pending widening superseded by a batch the caller wrote under [`Dirty::commit_guard`].
-    pub fn forget_key(&self, vol: u64, cluster: u64, epoch: u64) {
-        self.map.lock().remove(&(vol, cluster, epoch));
+    /// Write a batch that changes or deletes the map entries `changed`, whose pending widenings it supersedes:
+    /// serialised with commits of widenings, so no commit can write one of them over this batch.
+    pub fn write_changing(
+        &self,
+        inner: &Inner,
+        b: WriteBatch,
+        sync: bool,
+        changed: impl IntoIterator<Item = EntryKey>,
+    ) -> Result<()> {
+        let _guard = self.commit.lock();
+        inner.write(b, sync)?;
+        let mut map = self.map.lock();
+        for k in changed {
+            map.remove(&k);
+        }
+        Ok(())
     }
 
     /// Whether anything is pending.
@@ -72,7 +79,7 @@ impl Dirty {
     }
 
     /// Put the pending widenings of `vol` (all volumes if `None`) into `b`; returns what was put, for
-    /// [`Dirty::committed`]. Caller holds [`Dirty::commit_guard`].
+    /// [`Dirty::committed`]. Caller holds the commit guard (see [`commit_all`] and `Engine::snapshot`).
     pub fn put_pending(&self, vol: Option<u64>, b: &mut WriteBatch) -> Vec<(EntryKey, Widening)> {
         let taken: Vec<_> = self
             .map
@@ -87,12 +94,12 @@ impl Dirty {
         taken
     }
 
-    /// After the batch holding `taken` is written (still under [`Dirty::commit_guard`]): the lookup cache, which
+    /// After the batch holding `taken` is written (still under the commit guard): the lookup cache, which
     /// holds committed entries, takes the committed masks, and widenings no newer than what was committed stop
     /// being pending. (A widening recorded meanwhile stays pending: its mask is wider.)
     pub fn committed(&self, inner: &Inner, taken: Vec<(EntryKey, Widening)>) {
         for ((v, c, e), (_, mask)) in taken {
-            to_cache(inner, v, c, e, mask);
+            crate::volume::cache_set_mask(inner, v, c, e, mask);
             let mut map = self.map.lock();
             if map.get(&(v, c, e)).is_some_and(|&(_, m)| m == mask) {
                 map.remove(&(v, c, e));
@@ -101,24 +108,13 @@ impl Dirty {
     }
 }
 
-/// Set the mask of cached lookups that found the entry (vol, cluster, epoch).
-fn to_cache(inner: &Inner, vol: u64, cluster: u64, epoch: u64, mask: u32) {
-    crate::volume::cache_edit(inner, vol, cluster, |v| {
-        for (_, r) in v.iter_mut() {
-            if let Some(l) = r.as_mut().filter(|l| l.epoch == epoch) {
-                l.mask = mask;
-            }
-        }
-    });
-}
-
 /// Commit every pending widening in one batch (not synced: `flush` syncs the WAL right after). On failure they
 /// stay pending and the next flush retries.
 pub(crate) fn commit_all(inner: &Arc<Inner>) -> Result<()> {
     if inner.dirty.is_empty() {
         return Ok(());
     }
-    let _guard = inner.dirty.commit_guard();
+    let _guard = inner.dirty.commit.lock();
     let mut b = WriteBatch::default();
     let taken = inner.dirty.put_pending(None, &mut b);
     if taken.is_empty() {

@@ -851,7 +851,7 @@ impl Engine {
         b.put(keys::volume(vs.id), records::encode(&vrec)?);
         {
             // The snapshot freezes the head's partial entries: their pending widenings go in the same batch.
-            let _commit = self.inner.dirty.commit_guard();
+            let _commit = self.inner.dirty.commit.lock();
             let taken = self.inner.dirty.put_pending(Some(vs.id), &mut b);
             self.inner.write(b, true)?;
             self.inner.dirty.committed(&self.inner, taken);

@@ -242,13 +242,12 @@ impl Engine {
                 }
                 // Synced: the clusters are reused right after, so the batch freeing them must be durable first.
                 // Pending widenings of deleted entries must never be committed after this batch.
-                {
-                    let _commit = inner.dirty.commit_guard();
-                    inner.write(b, true)?;
-                    for (c, e) in purged {
-                        inner.dirty.forget_key(vol, c, e);
-                    }
-                }
+                inner.dirty.write_changing(
+                    inner,
+                    b,
+                    true,
+                    purged.into_iter().map(|(c, e)| (vol, c, e)),
+                )?;
                 inner.reclaimed.fetch_add(bytes, Ordering::Relaxed);
                 for (e, d) in deltas {
                     vs.add_count(e, d);

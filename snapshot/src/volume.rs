@@ -17,10 +17,10 @@
 //! says which; the other sub-clusters read through to the entry beneath. The first write after a snapshot then
 //! costs one write of the new cluster instead of a 64 KiB read plus a 64 KiB write. Later head writes go in
 //! place; those touching new sub-clusters widen the mask, and the widening is committed with the next flush
-//! ([`crate::dirty`]) rather than per request. A redirect over a partial entry assembles and copies up the whole
+//! (`dirty`) rather than per request. A redirect over a partial entry assembles and copies up the whole
 //! cluster, so a partial entry always lies on a full one and a read needs at most two entries, whatever the
 //! number of snapshots. GC keeps the entry beneath a live partial entry and, once no snapshot sees it, folds it
-//! into the head's entry ([`fold_partial`]).
+//! into the head's entry (`fold_partial`).
 //!
 //! The new cluster is written whole, zero-padded around the data (the mask hides the padding): writing only
 //! the touched sub-clusters leaves the data file's preallocated (unwritten) extents to be split by every later
@@ -258,6 +258,17 @@ pub(crate) fn cache_edit(
     }
 }
 
+/// Set the mask of cached lookups that found the entry (vol, cluster, epoch), after a commit changed it.
+pub(crate) fn cache_set_mask(inner: &Inner, vol: u64, cluster: u64, epoch: u64, mask: u32) {
+    cache_edit(inner, vol, cluster, |v| {
+        for (_, r) in v.iter_mut() {
+            if let Some(l) = r.as_mut().filter(|l| l.epoch == epoch) {
+                l.mask = mask;
+            }
+        }
+    });
+}
+
 fn lookup_own_db(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<Option<Loc>> {
     let key = keys::map(vol, cluster, epoch);
     let mut ro = rocksdb::ReadOptions::default();
@@ -294,11 +305,22 @@ pub(crate) fn resolve(
     cluster: u64,
     epoch: u64,
 ) -> EResult<Option<Loc>> {
-    let mut v = vs.clone();
-    let mut e = epoch;
+    Ok(resolve_from(inner, vs.clone(), cluster, epoch)?.map(|(loc, _)| loc))
+}
+
+/// [`resolve`], also returning the state of the volume the entry belongs to (where a walk beneath it goes on).
+fn resolve_from(
+    inner: &Inner,
+    mut v: Arc<VolState>,
+    cluster: u64,
+    mut e: u64,
+) -> EResult<Option<(Loc, Arc<VolState>)>> {
     loop {
-        if let Some(loc) = lookup_own(inner, v.id, cluster, e)? {
-            return Ok(Some(loc));
+        // Epochs start at 1: a lookup at epoch 0 finds nothing and falls through to the parent.
+        if e > 0 {
+            if let Some(loc) = lookup_own(inner, v.id, cluster, e)? {
+                return Ok(Some((loc, v)));
+            }
         }
         match (v.parent, v.parent_state.clone()) {
             (Some(p), Some(ps)) if cluster < p.size.div_ceil(inner.cs) => {
@@ -326,28 +348,15 @@ pub(crate) fn resolve_layers(
     epoch: u64,
 ) -> EResult<Layers> {
     let mut out = Layers::new();
-    let mut v = vs.clone();
-    let mut e = epoch;
-    loop {
-        if let Some(loc) = lookup_own(inner, v.id, cluster, e)? {
-            out.push(loc);
-            if loc.is_full() {
-                return Ok(out);
-            }
-            // Epochs start at 1: a lookup at epoch 0 finds nothing and falls through to the parent.
-            e = loc.epoch - 1;
-            if e > 0 {
-                continue;
-            }
+    let (mut v, mut e) = (vs.clone(), epoch);
+    while let Some((loc, owner)) = resolve_from(inner, v, cluster, e)? {
+        out.push(loc);
+        if loc.is_full() {
+            break;
         }
-        match (v.parent, v.parent_state.clone()) {
-            (Some(p), Some(ps)) if cluster < p.size.div_ceil(inner.cs) => {
-                e = p.epoch;
-                v = ps;
-            }
-            _ => return Ok(out),
-        }
+        (v, e) = (owner, loc.epoch - 1);
     }
+    Ok(out)
 }
 
 /// Fold a partial head entry of `cluster` with the full entry beneath it, once no snapshot sees that entry any
@@ -428,12 +437,10 @@ pub(crate) async fn fold_partial(
     b.put(keys::free(base.pcluster), []);
     b.merge(keys::count(vs.id, base.epoch), keys::delta(-1));
     b.merge(keys::RECLAIMED, cs.to_be_bytes());
-    {
-        // Synced: the freed cluster is reused right after. Any pending widening of the entry is superseded.
-        let _commit = inner.dirty.commit_guard();
-        inner.write(b, true)?;
-        inner.dirty.forget_key(vs.id, cluster, top.epoch);
-    }
+    // Synced: the freed cluster is reused right after. Any pending widening of the entry is superseded.
+    inner
+        .dirty
+        .write_changing(inner, b, true, [(vs.id, cluster, top.epoch)])?;
     invalidate(inner, vs.id, cluster);
     vs.add_count(base.epoch, -1);
     inner.reclaimed.fetch_add(cs, Ordering::Relaxed);
@@ -522,12 +529,9 @@ impl Volume {
 
     async fn read_piece(&self, c: u64, in_off: u64, buf: IoBuf, epoch: u64) -> BResult<IoBuf> {
         let _g = self.inner.stripe(self.vol.id, c).read().await;
-        match resolve(&self.inner, &self.vol, c, epoch)? {
-            Some(loc) if !loc.is_full() => {
-                let layers = resolve_layers(&self.inner, &self.vol, c, epoch)?;
-                self.read_layers(&layers, in_off, buf).await
-            }
-            Some(loc) if loc.pcluster != ZERO_CLUSTER => {
+        let layers = resolve_layers(&self.inner, &self.vol, c, epoch)?;
+        match layers.as_slice() {
+            [loc] if loc.is_full() && loc.pcluster != ZERO_CLUSTER => {
                 let (r, buf) = self
                     .inner
                     .io
@@ -536,11 +540,16 @@ impl Volume {
                 r.map_err(BlockError::from_io)?;
                 Ok(buf)
             }
-            _ => {
+            []
+            | [Loc {
+                pcluster: ZERO_CLUSTER,
+                ..
+            }] => {
                 let mut buf = buf;
                 buf.as_mut_slice().fill(0);
                 Ok(buf)
             }
+            _ => self.read_layers(&layers, in_off, buf).await,
         }
     }
 
@@ -661,27 +670,27 @@ impl Volume {
         for i in idx {
             guards.push(self.inner.stripes[i].read().await);
         }
-        let mut locs = Vec::with_capacity(pieces.len());
-        let mut partial = false;
-        for &(c, ..) in pieces {
-            let loc = resolve(&self.inner, &self.vol, c, epoch)?;
-            partial |= loc.is_some_and(|l| !l.is_full());
-            locs.push(
-                loc.filter(|l| l.pcluster != ZERO_CLUSTER)
-                    .map(|l| l.pcluster),
-            );
-        }
-        if partial {
+        let layers = pieces
+            .iter()
+            .map(|&(c, ..)| resolve_layers(&self.inner, &self.vol, c, epoch))
+            .collect::<EResult<Vec<Layers>>>()?;
+        if layers
+            .iter()
+            .any(|l| l.first().is_some_and(|t| !t.is_full()))
+        {
             // Some cluster is only partly its top entry's: assemble the request from every piece's layers.
             let mut segs = Vec::new();
-            for &(c, in_off, n, at) in pieces {
-                let layers = resolve_layers(&self.inner, &self.vol, c, epoch)?;
-                self.segments(&layers, in_off, n, at, &mut segs);
+            for (&(_, in_off, n, at), l) in pieces.iter().zip(&layers) {
+                self.segments(l, in_off, n, at, &mut segs);
             }
             let out = self.read_segments(&segs, buf).await?;
             drop(guards);
             return Ok(out);
         }
+        let locs: Vec<Option<u64>> = layers
+            .iter()
+            .map(|l| l.first().map(|t| t.pcluster).filter(|&p| p != ZERO_CLUSTER))
+            .collect();
         // Group consecutive pieces into runs of consecutive physical clusters; each hole is a run of its own.
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (i, loc) in locs.iter().enumerate() {
@@ -898,17 +907,13 @@ impl Volume {
             _ => None,
         };
         self.commit_entry_change(b, c, loc.epoch, fua)?;
-        cache_edit(&self.inner, self.vol.id, c, |v| {
-            for (_, r) in v.iter_mut() {
-                if let Some(l) = r.as_mut().filter(|l| l.epoch == loc.epoch) {
-                    l.mask = mask;
-                }
-            }
+        cache_set_mask(&self.inner, self.vol.id, c, loc.epoch, mask);
+        if let Some(base) = freed {
             // Lookups that found the freed entry would now find what is older: forget them.
-            if let Some(base) = freed {
-                v.retain(|(_, r)| r.is_none_or(|l| l.epoch != base.epoch));
-            }
-        });
+            cache_edit(&self.inner, self.vol.id, c, |v| {
+                v.retain(|(_, r)| r.is_none_or(|l| l.epoch != base.epoch))
+            });
+        }
         if let Some(base) = freed {
             self.vol.add_count(base.epoch, -1);
             crate::gc::defer_release(&self.inner, &[base.pcluster]);
@@ -919,10 +924,9 @@ impl Volume {
     /// Write a batch that changes the head's entry (vol, c, epoch), dropping any pending widening of it under the
     /// commit guard (see [`crate::dirty`]).
     fn commit_entry_change(&self, b: WriteBatch, c: u64, epoch: u64, sync: bool) -> EResult<()> {
-        let _commit = self.inner.dirty.commit_guard();
-        self.inner.write(b, sync)?;
-        self.inner.dirty.forget_key(self.vol.id, c, epoch);
-        Ok(())
+        self.inner
+            .dirty
+            .write_changing(&self.inner, b, sync, [(self.vol.id, c, epoch)])
     }
 
     /// Whether `base`, the entry beneath the head-owned partial entry `top`, is an entry of this volume that no
