@@ -175,6 +175,40 @@ fn validate_name(name: &str) -> Result<()> {
     }
 }
 
+/// A definition's boot source from the request, checked: files exist, and Linux-only options come with a kernel
+/// (the CLI refuses them too; other gRPC clients get the same answer).
+fn boot_def(boot: proto::VmBoot) -> Result<BootDef> {
+    match boot.kind.as_str() {
+        "linux" => {
+            let kernel = PathBuf::from(&boot.image);
+            check_file("kernel", &kernel)?;
+            let initrd = boot.initrd.filter(|s| !s.is_empty()).map(PathBuf::from);
+            if let Some(i) = &initrd {
+                check_file("initrd", i)?;
+            }
+            Ok(BootDef::Linux {
+                kernel,
+                initrd,
+                cmdline: boot.cmdline,
+                no_acpi: boot.no_acpi,
+            })
+        }
+        "flat" => {
+            if boot.no_acpi || boot.initrd.is_some_and(|s| !s.is_empty()) {
+                return Err(VmError::InvalidArgument(
+                    "initrd and no_acpi need a Linux kernel, not a flat binary".into(),
+                ));
+            }
+            let image = PathBuf::from(&boot.image);
+            check_file("flat image", &image)?;
+            Ok(BootDef::Flat { image })
+        }
+        other => Err(VmError::InvalidArgument(format!(
+            "unknown boot kind '{other}' (linux or flat)"
+        ))),
+    }
+}
+
 fn check_file(what: &str, path: &Path) -> Result<()> {
     if !path.is_absolute() {
         return Err(VmError::InvalidArgument(format!(
@@ -417,32 +451,7 @@ impl VmManager {
         let boot = req.boot.ok_or_else(|| {
             VmError::InvalidArgument("a boot source (--kernel or --flat) is required".into())
         })?;
-        let boot = match boot.kind.as_str() {
-            "linux" => {
-                let kernel = PathBuf::from(&boot.image);
-                check_file("kernel", &kernel)?;
-                let initrd = boot.initrd.filter(|s| !s.is_empty()).map(PathBuf::from);
-                if let Some(i) = &initrd {
-                    check_file("initrd", i)?;
-                }
-                BootDef::Linux {
-                    kernel,
-                    initrd,
-                    cmdline: boot.cmdline,
-                    no_acpi: boot.no_acpi,
-                }
-            }
-            "flat" => {
-                let image = PathBuf::from(&boot.image);
-                check_file("flat image", &image)?;
-                BootDef::Flat { image }
-            }
-            other => {
-                return Err(VmError::InvalidArgument(format!(
-                    "unknown boot kind '{other}' (linux or flat)"
-                )))
-            }
-        };
+        let boot = boot_def(boot)?;
         let mut disks = Vec::new();
         for spec in &req.disks {
             let r = spec.vdi.trim();
@@ -841,5 +850,46 @@ impl ShaleVm for VmService {
         let r = req.into_inner();
         let name = required("VM name", &r.vm)?;
         Ok(Response::new(self.vms.console(&name, r.offset)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot(kind: &str, image: &Path, initrd: Option<&str>, no_acpi: bool) -> proto::VmBoot {
+        proto::VmBoot {
+            kind: kind.into(),
+            image: image.display().to_string(),
+            initrd: initrd.map(Into::into),
+            cmdline: "console=ttyS0".into(),
+            no_acpi,
+        }
+    }
+
+    #[test]
+    fn boot_sources_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("image");
+        std::fs::write(&img, [0u8; 16]).unwrap();
+        match boot_def(boot("linux", &img, None, true)).unwrap() {
+            BootDef::Linux { no_acpi, .. } => assert!(no_acpi),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            boot_def(boot("flat", &img, None, false)).unwrap(),
+            BootDef::Flat { .. }
+        ));
+        for bad in [
+            boot("flat", &img, None, true),
+            boot("flat", &img, Some("/x/initrd"), false),
+            boot("linux", &dir.path().join("missing"), None, false),
+            boot("elf", &img, None, false),
+        ] {
+            assert!(
+                matches!(boot_def(bad.clone()), Err(VmError::InvalidArgument(_))),
+                "{bad:?} accepted"
+            );
+        }
     }
 }
