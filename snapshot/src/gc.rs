@@ -293,6 +293,7 @@ impl Engine {
         st.gc_pending.remove(&vol);
         if dead {
             st.volumes.remove(&vol);
+            inner.carry.write().remove(&vol);
             debug!(vol, "volume deleted");
         }
         if let Some((uuid, pvol, epoch)) = cascade {

@@ -111,6 +111,115 @@ async fn overwrite_in_place_until_a_snapshot_then_redirect() {
     assert!(e.check().unwrap().ok());
 }
 
+/// A snapshot does not leave the head with a cold lookup cache: lookups cached before it answer for the head
+/// after it until the head writes the cluster (no RocksDB read per cluster on the first I/O after every
+/// snapshot), and what the head and the snapshots read stays exact throughout.
+#[tokio::test]
+async fn snapshots_keep_the_head_lookup_cache_warm() {
+    const N: u64 = 32;
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("v", 2 * N * CS).await.unwrap();
+    let vol = e.open_volume(v.uuid).unwrap();
+    // Clusters 0..N written whole; N..2N never written (holes).
+    for c in 0..N {
+        vol.write(c * CS, pattern(CS as usize, c as u8), WriteFlags::default())
+            .await
+            .unwrap();
+    }
+    let read_all = |vol: std::sync::Arc<shale_snapshot::Volume>| async move {
+        let mut out = Vec::new();
+        for c in 0..N {
+            out.push(vol.read(c * CS, IoBuf::zeroed(CS as usize)).await.unwrap());
+        }
+        out
+    };
+    let before = read_all(vol.clone()).await;
+    for (c, got) in before.iter().enumerate() {
+        assert_eq!(&got[..], &pattern(CS as usize, c as u8)[..]);
+    }
+
+    let s1 = e.snapshot(v.uuid, "s1").await.unwrap();
+    let m = e.sr_info().metadata_reads;
+    let after = read_all(vol.clone()).await;
+    assert_eq!(after.len(), before.len());
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(&a[..], &b[..]);
+    }
+    assert_eq!(
+        e.sr_info().metadata_reads,
+        m,
+        "head reads right after a snapshot are answered from the cache"
+    );
+    // Small writes after the snapshot (redirects to partial entries) need no metadata read either.
+    for c in (0..N).step_by(2) {
+        vol.write(c * CS + 4096, pattern(4096, 200), WriteFlags::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(e.sr_info().metadata_reads, m);
+
+    // The counter does count: clusters never looked up before do read RocksDB.
+    vol.read(N * CS, IoBuf::zeroed(4096)).await.unwrap();
+    assert!(e.sr_info().metadata_reads > m);
+
+    let s2 = e.snapshot(v.uuid, "s2").await.unwrap();
+    let m = e.sr_info().metadata_reads;
+    let head = read_all(vol.clone()).await;
+    assert_eq!(
+        e.sr_info().metadata_reads,
+        m,
+        "a second snapshot carries the lookups over again, redirected clusters included"
+    );
+    let expect = |c: u64, written_after_s1: bool| {
+        let mut x = pattern(CS as usize, c as u8).to_vec();
+        if written_after_s1 && c.is_multiple_of(2) {
+            x[4096..8192].copy_from_slice(&pattern(4096, 200));
+        }
+        x
+    };
+    for c in 0..N {
+        assert_eq!(
+            &head[c as usize][..],
+            &expect(c, true)[..],
+            "head, cluster {c}"
+        );
+    }
+    for (snap, written) in [(s1.uuid, false), (s2.uuid, true)] {
+        let sv = e.open_volume(snap).unwrap();
+        let got = read_all(sv).await;
+        for c in 0..N {
+            assert_eq!(
+                &got[c as usize][..],
+                &expect(c, written)[..],
+                "snapshot, cluster {c}"
+            );
+        }
+    }
+    // Overwrite after the second snapshot, then check everything again from a cold cache.
+    vol.write(0, pattern(4096, 201), WriteFlags::default())
+        .await
+        .unwrap();
+    let mut first = expect(0, true);
+    first[..4096].copy_from_slice(&pattern(4096, 201));
+    let got = vol.read(0, IoBuf::zeroed(CS as usize)).await.unwrap();
+    assert_eq!(&got[..], &first[..]);
+    drop(vol);
+    e.close().await.unwrap();
+    let e = Engine::open(&t.path().join("sr"), io()).unwrap();
+    let vol = e.open_volume(v.uuid).unwrap();
+    let head = read_all(vol).await;
+    assert_eq!(&head[0][..], &first[..]);
+    for c in 1..N {
+        assert_eq!(
+            &head[c as usize][..],
+            &expect(c, true)[..],
+            "head after reopen, cluster {c}"
+        );
+    }
+    assert!(e.check().unwrap().ok());
+}
+
 #[tokio::test]
 async fn snapshot_with_clones_is_hidden_until_they_go() {
     let t = tempfile::tempdir().unwrap();

@@ -14,13 +14,23 @@
 #   shale-thin-snap the same daemon, a second filled thin VDI that gets a fresh snapshot before every job (so writes
 #                  take the redirect-on-write path, like qemu-qcow2-snap's first writes to each cluster)
 #   extra targets  any NBD URI given with --uri NAME=URI
-# and, as the machine's limit, fio io_uring with O_DIRECT on the raw file itself (no NBD).
+# and two references that are not servers under test:
+#   fio-direct     fio io_uring with O_DIRECT on the raw file itself (no NBD): the disk's limit
+#   nbdkit-null    nbdkit's null plugin (reads return zeroes, writes are dropped, no disk I/O): the limit of fio's
+#                  nbd client on this machine, i.e. the most any server could show here
 # Every result is printed with its ratio to qemu-raw, to qemu-qcow2, and (for writes) to qemu-qcow2-snap, and with
 # the server's CPU time per I/O (srv-us/IO: the server process's utime+stime over the measured window / I/Os), which
 # on a small machine shared with fio says more about the server than IOPS do.
 # Targets (issue 3): Shale >= 1.2x qemu-raw on every row; shale-thin-snap >= 2x qemu-qcow2-snap on writes.
 #
-# Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--dir DIR] [--jobs "randread randwrite seqread seqwrite randread-2c randwrite-2c"]
+# --repeat N runs every job N times, in N interleaved rounds (round 1 runs every job on every target, then round
+# 2, ...), and prints the median of each figure with the spread of the main metric (min-max, as +-% of the
+# median); ratios are of medians. On a shared 2-vCPU machine single runs vary by 10-20 %. Each round starts a new
+# qcow2 overlay chain on the untouched base (so the chain is never longer than the number of jobs), while the
+# Shale VDI keeps taking snapshots (its reads and writes do not depend on how many it has).
+#
+# Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--repeat 1] [--dir DIR]
+#                                 [--jobs "randread randwrite seqread seqwrite randread-2c randwrite-2c"]
 #                                 [--uri NAME=URI]... [--only "shale shale-thin qemu-raw ..."] [--shale-bin PATH]
 #                                 [--shale-cli PATH] [--keep]
 #
@@ -30,6 +40,7 @@ set -euo pipefail
 
 SIZE=2G
 RUNTIME=10
+REPEAT=1
 DIR="${TMPDIR:-/var/tmp}/shale-nbd-bench"
 JOBS="randread randwrite seqread seqwrite randread-2c randwrite-2c"
 EXTRA=()
@@ -42,6 +53,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --size) SIZE="$2"; shift 2 ;;
         --runtime) RUNTIME="$2"; shift 2 ;;
+        --repeat) REPEAT="$2"; shift 2 ;;
         --dir) DIR="$2"; shift 2 ;;
         --jobs) JOBS="$2"; shift 2 ;;
         --uri) EXTRA+=("$2"); shift 2 ;;
@@ -49,7 +61,7 @@ while [[ $# -gt 0 ]]; do
         --shale-bin) SHALE_BIN="$2"; shift 2 ;;
         --shale-cli) SHALE_CLI="$2"; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -59,6 +71,7 @@ PY=python3
 for t in fio qemu-img qemu-nbd "$PY"; do
     command -v "$t" >/dev/null || { echo "nbd-bench: $t is required" >&2; exit 1; }
 done
+[[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || { echo "nbd-bench: --repeat wants a positive integer" >&2; exit 2; }
 
 wanted() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
 
@@ -105,7 +118,6 @@ if wanted qemu-qcow2-snap; then
     # The snapshot chain's base is its own copy: the qemu-qcow2 target writes into $QCOW.
     echo "# copying $QCOW to $SNAPBASE" >&2
     cp --reflink=auto "$QCOW" "$SNAPBASE"
-    SNAP_BACKING=$SNAPBASE
 fi
 
 wait_sock() {
@@ -206,83 +218,109 @@ if wanted shale-thin || wanted shale-thin-snap; then
     done
 fi
 
-declare -A RES
 TARGETS=()
 add_target() { [[ " ${TARGETS[*]} " == *" $1 "* ]] || TARGETS+=("$1"); }
-
-for job in $JOBS; do
-    echo "# $job" >&2
-    if wanted shale; then
-        add_target shale
-        start_bg "$DIR/shale.sock" "$SHALE_BIN" "$RAW" --unix "$DIR/shale.sock" --name vol
-        RES[shale,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/shale.sock" "$STARTED_PID")
-        stop_pid "$STARTED_PID"
-    fi
-    if wanted qemu-raw; then
-        add_target qemu-raw
-        qemu_nbd "$DIR/qraw.sock" raw "$RAW"
-        RES[qemu-raw,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qraw.sock" "$STARTED_PID")
-        stop_pid "$STARTED_PID"
-    fi
-    if wanted qemu-qcow2; then
-        add_target qemu-qcow2
-        qemu_nbd "$DIR/qcow.sock" qcow2 "$QCOW"
-        RES[qemu-qcow2,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qcow.sock" "$STARTED_PID")
-        stop_pid "$STARTED_PID"
-    fi
-    if wanted qemu-qcow2-snap; then
-        add_target qemu-qcow2-snap
-        # Like the Shale VDI, which takes a new snapshot per job and keeps what earlier jobs wrote: each job
-        # gets a new overlay on top of the previous one (an external snapshot chain), so reads see the history.
-        QSNAP_N=$((QSNAP_N + 1))
-        SNAP="$DIR/snap-$QSNAP_N.qcow2"
-        qemu-img create -q -f qcow2 -b "$SNAP_BACKING" -F qcow2 "$SNAP"
-        SNAP_BACKING=$SNAP
-        qemu_nbd "$DIR/snap.sock" qcow2 "$SNAP"
-        RES[qemu-qcow2-snap,$job]=$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/snap.sock" "$STARTED_PID")
-        stop_pid "$STARTED_PID"
-    fi
-    if wanted shale-thin; then
-        add_target shale-thin
-        RES[shale-thin,$job]=$(nbd_fio "$job" "$THIN_URI" "$DAEMON_PID")
-    fi
-    if wanted shale-thin-snap; then
-        add_target shale-thin-snap
-        SNAP_N=$((SNAP_N + 1))
-        shale_cli vdi snapshot snapvdi --name "bench-$SNAP_N" >/dev/null
-        RES[shale-thin-snap,$job]=$(nbd_fio "$job" "$SNAPV_URI" "$DAEMON_PID")
-    fi
-    for e in "${EXTRA[@]}"; do
-        name="${e%%=*}"; uri="${e#*=}"
-        add_target "$name"
-        RES[$name,$job]=$(nbd_fio "$job" "$uri")
-    done
-    if wanted fio-direct; then
-        add_target fio-direct
-        RES[fio-direct,$job]=$(run_fio "$job" "" --ioengine=io_uring --direct=1 --filename="$RAW")
-    fi
-done
-
-ratio() { # a b
-    "$PY" -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print('%.2fx' % (a / b) if b else '-')" "$1" "$2"
+RESULTS="$DIR/results.tsv"
+: >"$RESULTS"
+record() { # target job "IOPS MiB/s US"
+    add_target "$1"
+    printf '%s\t%s\t%s\t%s\n' "$ROUND" "$1" "$2" "$3" >>"$RESULTS"
 }
 
-echo
-echo "NBD benchmark: $SIZE backing file, ${RUNTIME}s per job, $(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
-printf '%-12s %-16s %10s %10s %9s %12s %12s %14s\n' job target IOPS MiB/s srv-us/IO vs-qemu-raw vs-qcow2 vs-qcow2-snap
-for job in $JOBS; do
-    for t in "${TARGETS[@]}"; do
-        v="${RES[$t,$job]:-}"
-        [[ -n "$v" ]] || continue
-        read -r iops bw us <<<"$v"
-        base="${RES[qemu-raw,$job]:-}"
-        qcow="${RES[qemu-qcow2,$job]:-}"
-        snap="${RES[qemu-qcow2-snap,$job]:-}"
-        r1="-"; r2="-"; r3="-"
-        metric=1; [[ $job == seq* ]] && metric=2
-        if [[ -n "$base" ]]; then r1=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$base")"); fi
-        if [[ -n "$qcow" ]]; then r3=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$qcow")"); fi
-        if [[ -n "$snap" && $job == *write* ]]; then r2=$(ratio "$(cut -d' ' -f$metric <<<"$v")" "$(cut -d' ' -f$metric <<<"$snap")"); fi
-        printf '%-12s %-16s %10s %10s %9s %12s %12s %14s\n' "$job" "$t" "$iops" "$bw" "$us" "$r1" "$r3" "$r2"
+for ROUND in $(seq "$REPEAT"); do
+    # Every round starts its own overlay chain on the untouched base (the previous round's is deleted).
+    rm -f "$DIR"/snap-*.qcow2
+    SNAP_BACKING=$SNAPBASE
+    for job in $JOBS; do
+        echo "# round $ROUND/$REPEAT: $job" >&2
+        if wanted shale; then
+            start_bg "$DIR/shale.sock" "$SHALE_BIN" "$RAW" --unix "$DIR/shale.sock" --name vol
+            record shale "$job" "$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/shale.sock" "$STARTED_PID")"
+            stop_pid "$STARTED_PID"
+        fi
+        if wanted qemu-raw; then
+            qemu_nbd "$DIR/qraw.sock" raw "$RAW"
+            record qemu-raw "$job" "$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qraw.sock" "$STARTED_PID")"
+            stop_pid "$STARTED_PID"
+        fi
+        if wanted qemu-qcow2; then
+            qemu_nbd "$DIR/qcow.sock" qcow2 "$QCOW"
+            record qemu-qcow2 "$job" "$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qcow.sock" "$STARTED_PID")"
+            stop_pid "$STARTED_PID"
+        fi
+        if wanted qemu-qcow2-snap; then
+            # Like the Shale VDI, which takes a new snapshot per job and keeps what earlier jobs wrote: each job
+            # gets a new overlay on top of the previous one (an external snapshot chain), so reads see the history.
+            QSNAP_N=$((QSNAP_N + 1))
+            SNAP="$DIR/snap-$QSNAP_N.qcow2"
+            qemu-img create -q -f qcow2 -b "$SNAP_BACKING" -F qcow2 "$SNAP"
+            SNAP_BACKING=$SNAP
+            qemu_nbd "$DIR/snap.sock" qcow2 "$SNAP"
+            record qemu-qcow2-snap "$job" "$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/snap.sock" "$STARTED_PID")"
+            stop_pid "$STARTED_PID"
+        fi
+        if wanted shale-thin; then
+            record shale-thin "$job" "$(nbd_fio "$job" "$THIN_URI" "$DAEMON_PID")"
+        fi
+        if wanted shale-thin-snap; then
+            SNAP_N=$((SNAP_N + 1))
+            shale_cli vdi snapshot snapvdi --name "bench-$SNAP_N" >/dev/null
+            record shale-thin-snap "$job" "$(nbd_fio "$job" "$SNAPV_URI" "$DAEMON_PID")"
+        fi
+        for e in "${EXTRA[@]}"; do
+            name="${e%%=*}"; uri="${e#*=}"
+            record "$name" "$job" "$(nbd_fio "$job" "$uri")"
+        done
+        if wanted fio-direct; then
+            record fio-direct "$job" "$(run_fio "$job" "" --ioengine=io_uring --direct=1 --filename="$RAW")"
+        fi
+        if wanted nbdkit-null && command -v nbdkit >/dev/null; then
+            start_bg "$DIR/null.sock" nbdkit -f -U "$DIR/null.sock" null "$SIZE"
+            record nbdkit-null "$job" "$(nbd_fio "$job" "nbd+unix:///?socket=$DIR/null.sock" "$STARTED_PID")"
+            stop_pid "$STARTED_PID"
+        fi
     done
 done
+
+echo
+echo "NBD benchmark: $SIZE backing file, ${RUNTIME}s per job, $REPEAT round(s), $(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+"$PY" - "$RESULTS" "$JOBS" "${TARGETS[@]}" <<'PYEOF'
+import statistics, sys
+path, jobs, targets = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+runs = {}
+for line in open(path):
+    _, t, job, fig = line.rstrip("\n").split("\t")
+    iops, bw, us = fig.split()
+    runs.setdefault((t, job), []).append((float(iops), float(bw), None if us == "-" else float(us)))
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+def fig(t, job):
+    r = runs.get((t, job))
+    if not r:
+        return None
+    m = 1 if job.startswith("seq") else 0  # MiB/s for 1M jobs, IOPS for 4k jobs
+    vals = [x[m] for x in r]
+    mid = med(vals)
+    spread = (max(vals) - min(vals)) / 2 / mid * 100 if mid and len(vals) > 1 else None
+    return med([x[0] for x in r]), med([x[1] for x in r]), med([x[2] for x in r]), mid, spread
+
+def ratio(a, b):
+    return "%.2fx" % (a[3] / b[3]) if a and b and b[3] else "-"
+
+print("%-12s %-16s %10s %10s %9s %7s %12s %12s %14s" % ("job", "target", "IOPS", "MiB/s", "srv-us/IO", "spread",
+      "vs-qemu-raw", "vs-qcow2", "vs-qcow2-snap"))
+for job in jobs:
+    base, qcow, snap = fig("qemu-raw", job), fig("qemu-qcow2", job), fig("qemu-qcow2-snap", job)
+    for t in targets:
+        f = fig(t, job)
+        if not f:
+            continue
+        iops, bw, us, _, spread = f
+        print("%-12s %-16s %10.0f %10.1f %9s %7s %12s %12s %14s" % (
+            job, t, iops, bw, "-" if us is None else "%.1f" % us,
+            "-" if spread is None else "+-%.0f%%" % spread,
+            ratio(f, base), ratio(f, qcow), ratio(f, snap) if "write" in job else "-"))
+PYEOF
