@@ -10,7 +10,7 @@
 //! Crash safety: every GC batch deletes entries and records their clusters free atomically; the `g` marker goes
 //! only when the volume is done, so a crash simply makes the next open resume. GC is idempotent: it recomputes
 //! garbage from the committed state each time. Freed clusters are punched out of the data file after their batch
-//! commits and only then become allocatable ([`release_clusters`]).
+//! commits and only then become allocatable (`release_clusters`).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};

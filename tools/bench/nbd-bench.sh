@@ -25,9 +25,9 @@
 #
 # --repeat N runs every job N times, in N interleaved rounds (round 1 runs every job on every target, then round
 # 2, ...), and prints the median of each figure with the spread of the main metric (min-max, as +-% of the
-# median); ratios are of medians. On a shared 2-vCPU machine single runs vary by 10-20 %. Each round starts a new
-# qcow2 overlay chain on the untouched base (so the chain is never longer than the number of jobs), while the
-# Shale VDI keeps taking snapshots (its reads and writes do not depend on how many it has).
+# median); ratios are of medians. On a shared 2-vCPU machine single runs vary by 10-20 %. Rounds repeat the same
+# workload: each starts a new qcow2 overlay chain on the untouched base and a new, freshly filled VDI for
+# shale-thin-snap (what the jobs of one round wrote shapes the next round's writes after a snapshot).
 #
 # Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--repeat 1] [--dir DIR]
 #                                 [--jobs "randread randwrite seqread seqwrite randread-2c randwrite-2c"]
@@ -208,14 +208,18 @@ if wanted shale-thin || wanted shale-thin-snap; then
     start_bg "$STATE/s.sock" "$SHALE_CLI" serve --state-dir "$STATE" --socket "$STATE/s.sock" --no-nbd-tcp
     DAEMON_PID=$STARTED_PID
     for _ in $(seq 100); do shale_cli sr list >/dev/null 2>&1 && break; sleep 0.1; done
-    for v in thin snapvdi; do
-        shale_cli vdi create --name "$v" --size "$SIZE" >/dev/null
-        uri=$(shale_cli --json vdi export "$v" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])')
-        echo "# filling $v ($uri)" >&2
-        fio --name=fill --ioengine=nbd --uri="$uri" --size="$SIZE" --rw=write --bs=1M --iodepth=8 \
-            --randrepeat=0 --refill_buffers --output=/dev/null
-        if [[ $v == thin ]]; then THIN_URI=$uri; else SNAPV_URI=$uri; fi
-    done
+fi
+# Create and fill a thin VDI of $SIZE; sets VDI_URI.
+new_vdi() {
+    shale_cli vdi create --name "$1" --size "$SIZE" >/dev/null
+    VDI_URI=$(shale_cli --json vdi export "$1" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])')
+    echo "# filling $1 ($VDI_URI)" >&2
+    fio --name=fill --ioengine=nbd --uri="$VDI_URI" --size="$SIZE" --rw=write --bs=1M --iodepth=8 \
+        --randrepeat=0 --refill_buffers --output=/dev/null
+}
+if wanted shale-thin; then
+    new_vdi thin
+    THIN_URI=$VDI_URI
 fi
 
 TARGETS=()
@@ -228,9 +232,15 @@ record() { # target job "IOPS MiB/s US"
 }
 
 for ROUND in $(seq "$REPEAT"); do
-    # Every round starts its own overlay chain on the untouched base (the previous round's is deleted).
+    # Rounds are repeats of the same workload: every round starts its own overlay chain on the untouched base
+    # (the previous round's is deleted) and its own freshly filled VDI for shale-thin-snap.
     rm -f "$DIR"/snap-*.qcow2
     SNAP_BACKING=$SNAPBASE
+    if wanted shale-thin-snap; then
+        SNAPV="snapvdi-$ROUND"
+        new_vdi "$SNAPV"
+        SNAPV_URI=$VDI_URI
+    fi
     for job in $JOBS; do
         echo "# round $ROUND/$REPEAT: $job" >&2
         if wanted shale; then
@@ -264,7 +274,7 @@ for ROUND in $(seq "$REPEAT"); do
         fi
         if wanted shale-thin-snap; then
             SNAP_N=$((SNAP_N + 1))
-            shale_cli vdi snapshot snapvdi --name "bench-$SNAP_N" >/dev/null
+            shale_cli vdi snapshot "$SNAPV" --name "bench-$SNAP_N" >/dev/null
             record shale-thin-snap "$job" "$(nbd_fio "$job" "$SNAPV_URI" "$DAEMON_PID")"
         fi
         for e in "${EXTRA[@]}"; do
