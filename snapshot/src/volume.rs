@@ -230,8 +230,6 @@ pub(crate) fn lookup_own(
 /// Also returns the cache shard's generation at the time of the read.
 fn lookup_stored(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<(Option<Loc>, u64)> {
     let shard = &inner.cache[Inner::shard(vol, cluster)];
-    // Read before the lookup starts: a stamp never claims a lookup predates a snapshot it does not.
-    let stamp = inner.snap_clock.load(Ordering::SeqCst);
     let generation = {
         let mut g = shard.lock();
         let generation = g.generation;
@@ -246,6 +244,8 @@ fn lookup_stored(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<(
         }
         generation
     };
+    // Read before RocksDB is: a stamp never claims a lookup predates a snapshot it does not.
+    let stamp = inner.snap_clock.load(Ordering::SeqCst);
     let r = lookup_own_db(inner, vol, cluster, epoch)?;
     let mut g = shard.lock();
     if g.generation != generation {
