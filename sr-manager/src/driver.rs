@@ -80,6 +80,10 @@ pub struct SrStats {
     pub vdis: usize,
     /// Snapshots in the SR (including hidden ones).
     pub snapshots: usize,
+    /// Map lookups that missed the driver's lookup cache and read its metadata store since the SR was attached
+    /// (0 for drivers without one): a cold or thrashing cache shows here before it shows in latency.
+    #[serde(default)]
+    pub metadata_reads: u64,
 }
 
 /// Whether an object is a writable VDI or a read-only snapshot.

@@ -510,6 +510,7 @@ impl AttachedSr for ReflinkSr {
                 gc_pending: 0,
                 vdis: 0,
                 snapshots: 0,
+                metadata_reads: 0,
             };
         };
         let objects = self.list();
@@ -530,6 +531,7 @@ impl AttachedSr for ReflinkSr {
             gc_pending: 0,
             vdis: objects.len() - snapshots,
             snapshots,
+            metadata_reads: 0,
         }
     }
 

@@ -88,6 +88,7 @@ pub fn sr_to_proto(v: SrView) -> proto::Sr {
         gc_pending: stats.as_ref().map(|s| s.gc_pending).unwrap_or(0),
         vdis: stats.as_ref().map(|s| s.vdis as u64).unwrap_or(0),
         snapshots: stats.as_ref().map(|s| s.snapshots as u64).unwrap_or(0),
+        metadata_reads: stats.as_ref().map(|s| s.metadata_reads).unwrap_or(0),
         capabilities: Some(caps(v.capabilities)),
         created: v.record.created,
     }

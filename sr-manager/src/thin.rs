@@ -226,6 +226,7 @@ impl AttachedSr for ThinSr {
                 gc_pending: 0,
                 vdis: 0,
                 snapshots: 0,
+                metadata_reads: 0,
             };
         };
         let i = engine.sr_info();
@@ -239,6 +240,7 @@ impl AttachedSr for ThinSr {
             gc_pending: i.gc_pending,
             vdis: objects.len() - snapshots,
             snapshots,
+            metadata_reads: i.metadata_reads,
         }
     }
 

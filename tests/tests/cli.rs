@@ -129,6 +129,11 @@ fn lifecycle_through_the_daemon() {
     );
     assert_eq!(read_bytes(&d, "big", "512G", "4K"), vec![9; 4096]);
     assert_eq!(read_bytes(&d, "big", "256G", "4K"), vec![0; 4096]);
+    // Those I/Os looked the map up in RocksDB at least once (nothing was cached yet), and `sr show` says so.
+    let local = d.shale(["--json", "sr", "show", "local"]).ok().json();
+    assert!(local["metadata_reads"].as_u64().unwrap() > 0, "{local}");
+    let show = d.shale(["sr", "show", "local"]).ok().stdout.clone();
+    assert!(show.contains("metadata reads:"), "{show}");
     d.shale(["vdi", "destroy", "big"]).ok();
 
     // The rest of the lifecycle on a 4 GiB VDI (digests read every written chunk).

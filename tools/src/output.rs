@@ -165,6 +165,10 @@ pub fn sr_fields(s: &proto::Sr) -> String {
             ("gc pending", format!("{} volume(s)", s.gc_pending)),
             ("vdis", s.vdis.to_string()),
             ("snapshots", s.snapshots.to_string()),
+            (
+                "metadata reads",
+                format!("{} (lookup-cache misses since attach)", s.metadata_reads),
+            ),
         ]);
     }
     if let Some(c) = &s.capabilities {
