@@ -66,7 +66,8 @@ impl Engine {
         } else {
             rep.problems.push("superblock missing".into());
         }
-        let mut partial_above: Option<(u64, u64)> = None;
+        // The partial entry just above (vol, cluster, mask), and whether it lies on another partial entry.
+        let mut partial_above: Option<(u64, u64, u32, bool)> = None;
         let mut partial_on_parent: Vec<(u64, u64)> = Vec::new();
         for r in db.iterator(IteratorMode::From(b"a", Direction::Forward)) {
             let (k, v) = r?;
@@ -121,24 +122,33 @@ impl Engine {
                         continue;
                     };
                     let entry = keys::parse_map_entry(&k, &v);
-                    // A partial entry must lie on a full data entry of its own volume (the next key), or
-                    // else read through to the volume's parent view (checked below, once volumes are known).
-                    if let Some(above) = partial_above.take() {
-                        if above == (vol, c) {
-                            if !entry
-                                .is_some_and(|(p, m)| m == keys::FULL_MASK && p != ZERO_CLUSTER)
-                            {
+                    // A partial entry must lie on a full data entry of its own volume (the next key), or on a
+                    // partial one holding none of its sub-clusters that itself lies on a full one, or else read
+                    // through to the volume's parent view (checked below, once volumes are known).
+                    let mut on_partial = false;
+                    if let Some((avol, ac, amask, above_on_partial)) = partial_above.take() {
+                        if (avol, ac) == (vol, c) {
+                            let ok = match entry {
+                                Some((p, m)) if p != ZERO_CLUSTER && m == keys::FULL_MASK => true,
+                                Some((p, m)) if p != ZERO_CLUSTER && !above_on_partial => {
+                                    on_partial = true;
+                                    m & !amask == 0
+                                }
+                                _ => false,
+                            };
+                            if !ok {
                                 rep.problems.push(format!(
-                                    "partial entry vol {vol} cluster {c} lies on a partial or zero entry (epoch {e})"
+                                    "partial entry vol {vol} cluster {c} lies on a zero entry, a partial entry it \
+                                     does not cover, or two partial entries (epoch {e})"
                                 ));
                             }
                         } else {
-                            partial_on_parent.push(above);
+                            partial_on_parent.push((avol, ac));
                         }
                     }
-                    if entry.is_some_and(|(_, m)| m != keys::FULL_MASK) {
+                    if let Some((_, m)) = entry.filter(|&(_, m)| m != keys::FULL_MASK) {
                         rep.partial_entries += 1;
-                        partial_above = Some((vol, c));
+                        partial_above = Some((vol, c, m, on_partial));
                     }
                     match entry.map(|(p, _)| p) {
                         None => rep.problems.push(format!(
@@ -222,7 +232,7 @@ impl Engine {
                 ));
             }
         }
-        partial_on_parent.extend(partial_above);
+        partial_on_parent.extend(partial_above.map(|(v, c, _, _)| (v, c)));
         for (vol, c) in partial_on_parent {
             let covered = volumes
                 .get(&vol)

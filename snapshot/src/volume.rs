@@ -17,10 +17,15 @@
 //! says which; the other sub-clusters read through to the entry beneath. The first write after a snapshot then
 //! costs one write of the new cluster instead of a 64 KiB read plus a 64 KiB write. Later head writes go in
 //! place; those touching new sub-clusters widen the mask, and the widening is committed with the next flush
-//! (`dirty`) rather than per request. A redirect over a partial entry assembles and copies up the whole
-//! cluster, so a partial entry always lies on a full one and a read needs at most two entries, whatever the
-//! number of snapshots. GC keeps the entry beneath a live partial entry and, once no snapshot sees it, folds it
-//! into the head's entry (`fold_partial`).
+//! (`dirty`) rather than per request. A redirect over a partial entry that lies on a full one (a cluster an
+//! earlier snapshot caught part-written, the common case when snapshots are taken periodically) makes a partial
+//! entry holding that entry's sub-clusters as well as the new ones, lying on it: one read of the partial entry's
+//! data instead of assembling the cluster from both layers (4 KiB random writes at QD32 over NBD, 10 s after a
+//! second snapshot of a 2 GiB VDI randomly written after the first: 27-29k IOPS with the assembly, 31-36k with
+//! this; qemu-nbd on a qcow2 overlay does 29-31k). Deeper than that, the redirect assembles and copies up the whole cluster, so a read needs at
+//! most three lookups (two layers with data), whatever the number of snapshots. GC keeps the entries beneath a
+//! live partial entry; once no snapshot sees them, it drops a middle partial entry (the head's holds all of it)
+//! and folds the full entry into the head's (`fold_partial`).
 //!
 //! The new cluster is written whole, zero-padded around the data (the mask hides the padding): writing only
 //! the touched sub-clusters leaves the data file's preallocated (unwritten) extents to be split by every later
@@ -385,15 +390,16 @@ fn resolve_from(
     }
 }
 
-/// The entries one cluster's data comes from, newest first (at most two; see [`resolve_layers`]).
-pub(crate) type Layers = smallvec::SmallVec<[Loc; 2]>;
+/// The entries one cluster's data comes from, newest first (at most three; see [`resolve_layers`]).
+pub(crate) type Layers = smallvec::SmallVec<[Loc; 3]>;
 
 /// Every entry a read of `cluster` at the view (vs, epoch) may need, newest first: the entry [`resolve`]
 /// finds, and while that is partial, the entry beneath it (an older entry of the same volume, else the parent
 /// view's). Ends at a full entry, or when nothing is beneath (those sub-clusters read as zeroes).
 ///
-/// The write path only creates a partial entry over a full one, so this is at most two lookups: read cost still
-/// does not depend on the number of snapshots.
+/// The write path creates a partial entry over a full one, or over a partial entry that lies on a full one and
+/// whose sub-clusters the new entry holds too, so this is at most three lookups (and two layers whose data is
+/// read): read cost still does not depend on the number of snapshots.
 pub(crate) fn resolve_layers(
     inner: &Inner,
     vs: &Arc<VolState>,
@@ -440,6 +446,9 @@ pub(crate) async fn fold_partial(
         return Ok(false);
     }
     let layers = resolve_layers(inner, vs, cluster, top.epoch)?;
+    if let [_, mid, _] = layers.as_slice() {
+        return drop_middle(inner, vs, cluster, &top, mid).await;
+    }
     let base = match layers.as_slice() {
         [_, b] if b.vol == vs.id && b.is_full() && b.pcluster != ZERO_CLUSTER => *b,
         _ => return Ok(false),
@@ -498,6 +507,41 @@ pub(crate) async fn fold_partial(
     vs.add_count(base.epoch, -1);
     inner.reclaimed.fetch_add(cs, Ordering::Relaxed);
     crate::gc::release_clusters(inner, vec![base.pcluster]).await;
+    Ok(true)
+}
+
+/// [`fold_partial`] for a head entry `top` over a partial entry `mid` (which lies on a full one): `top` holds every
+/// sub-cluster `mid` does, so once no snapshot sees `mid`, nothing reads it: delete it and free its cluster. The
+/// head entry then lies on the full entry directly, and a later GC pass folds the two as usual. Caller holds the
+/// barrier and the cluster's stripe exclusively.
+async fn drop_middle(
+    inner: &Arc<Inner>,
+    vs: &Arc<VolState>,
+    cluster: u64,
+    top: &Loc,
+    mid: &Loc,
+) -> EResult<bool> {
+    if mid.vol != vs.id
+        || mid.pcluster == ZERO_CLUSTER
+        || mid.mask & !top.mask != 0
+        || vs.views.lock().range(mid.epoch..top.epoch).next().is_some()
+    {
+        return Ok(false);
+    }
+    let cs = inner.cs;
+    let mut b = WriteBatch::default();
+    b.delete(keys::map(vs.id, cluster, mid.epoch));
+    b.put(keys::free(mid.pcluster), []);
+    b.merge(keys::count(vs.id, mid.epoch), keys::delta(-1));
+    b.merge(keys::RECLAIMED, cs.to_be_bytes());
+    // Synced: the freed cluster is reused right after.
+    inner
+        .dirty
+        .write_changing(inner, b, true, [(vs.id, cluster, mid.epoch)])?;
+    invalidate(inner, vs.id, cluster);
+    vs.add_count(mid.epoch, -1);
+    inner.reclaimed.fetch_add(cs, Ordering::Relaxed);
+    crate::gc::release_clusters(inner, vec![mid.pcluster]).await;
     Ok(true)
 }
 
@@ -819,8 +863,11 @@ impl Volume {
         // - one full entry: nothing, the new entry is *partial* and holds just the sub-clusters written (rounded
         //   out to sub-cluster boundaries with bytes from beneath), the rest reads through — a 4 KiB write after
         //   a snapshot costs a 4 KiB write, not a 64 KiB copy;
-        // - a partial entry: the whole cluster is assembled and copied up, so a partial entry always lies on a
-        //   full one and reads stay at two lookups at most.
+        // - a partial entry on a full one (a cluster an earlier snapshot caught part-written): the new entry takes
+        //   that entry's sub-clusters too (one read of them) and lies on it, reading the rest through to the full
+        //   entry; it needs nothing from the partial entry, which GC drops once no snapshot sees it;
+        // - deeper (a partial entry on such a pair): the whole cluster is assembled and copied up, so reads stay
+        //   at three lookups at most.
         let layers = resolve_layers(&self.inner, &self.vol, c, epoch)?;
         let beneath_data = layers.first().is_some_and(|l| l.pcluster != ZERO_CLUSTER);
         let res = self
@@ -844,6 +891,20 @@ impl Volume {
                         .copy_from_slice(&buf);
                     (0, whole, need)
                 })
+        } else if layers.len() == 2 && !layers[0].is_full() && layers[1].is_full() {
+            // The partial entry's sub-clusters (zeroes elsewhere, hidden by the mask), then the new bytes.
+            let mask = mask_union(cs, layers[0].mask, need);
+            match self.round_out(&layers, in_off, data).await {
+                Ok((at, buf)) => self
+                    .read_layers(&layers[..1], 0, IoBuf::for_overwrite(cs as usize))
+                    .await
+                    .map(|mut whole| {
+                        whole.as_mut_slice()[at as usize..at as usize + buf.len()]
+                            .copy_from_slice(&buf);
+                        (0, whole, mask)
+                    }),
+                Err(e) => Err(e),
+            }
         } else {
             let whole = self
                 .read_layers(&layers, 0, IoBuf::for_overwrite(cs as usize))

@@ -521,7 +521,8 @@ async fn small_writes_after_a_snapshot_are_partial_and_folded_when_it_goes() {
     write(&mut model, CS, &p);
     assert_eq!(partial(&e), 3, "second cluster whole");
     assert_eq!(e.sr_info().allocated_bytes, 8 * CS);
-    // A second snapshot sees the first cluster's partial entry: the next write there copies it up whole.
+    // A second snapshot sees the first cluster's partial entry: the next write there makes a partial entry on
+    // it that holds its sub-clusters too (one new cluster; the rest still reads through to the full entry).
     let at_s2 = model.clone();
     let s2 = e.snapshot(v.uuid, "s2").await.unwrap();
     let p = pattern(4096, 10);
@@ -530,13 +531,78 @@ async fn small_writes_after_a_snapshot_are_partial_and_folded_when_it_goes() {
         .unwrap();
     write(&mut model, 32768, &p);
     assert_eq!(e.sr_info().allocated_bytes, 9 * CS);
-    assert_eq!(partial(&e), 3, "a full copy over the partial entry");
+    assert_eq!(
+        partial(&e),
+        4,
+        "a partial entry on the partial entry s2 sees"
+    );
     let sv2 = e.open_volume(s2.uuid).unwrap();
-    assert!(read_all(vol.clone()).await == model, "head after copy-up");
+    assert!(read_all(vol.clone()).await == model, "head, three layers");
     assert!(read_all(sv2.clone()).await == at_s2, "second snapshot");
     assert!(read_all(sv.clone()).await == at_snap, "first snapshot");
-    drop((sv, sv2));
+    assert!(e.check().unwrap().ok(), "{:?}", e.check().unwrap());
+    // A third snapshot sees both partial entries: a write there now copies the cluster up whole (reads stay at
+    // three lookups at most).
+    let at_s3 = model.clone();
+    let s3 = e.snapshot(v.uuid, "s3").await.unwrap();
+    let p = pattern(1024, 11);
+    vol.write(40960 + 512, p.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    write(&mut model, 40960 + 512, &p);
+    assert_eq!(e.sr_info().allocated_bytes, 10 * CS);
+    assert_eq!(partial(&e), 4, "a full copy over the two partial entries");
+    assert!(read_all(vol.clone()).await == model, "head after copy-up");
+    let sv3 = e.open_volume(s3.uuid).unwrap();
+    assert!(read_all(sv3.clone()).await == at_s3, "third snapshot");
+    drop(sv3);
+    e.destroy(s3.uuid).await.unwrap();
+    e.gc_now().await.unwrap();
+    assert_eq!(
+        e.sr_info().allocated_bytes,
+        9 * CS,
+        "the copied-over entry only s3 saw"
+    );
+    // Once s2 goes, the cluster's entry s2 saw is hidden by the head's full copy: garbage.
+    drop(sv2);
     e.destroy(s2.uuid).await.unwrap();
+    e.gc_now().await.unwrap();
+    assert_eq!(e.sr_info().allocated_bytes, 8 * CS);
+    assert_eq!(partial(&e), 2, "clusters 2 and 3");
+    assert!(read_all(vol.clone()).await == model, "head after s2 went");
+    assert!(
+        read_all(sv.clone()).await == at_snap,
+        "first snapshot after s2 went"
+    );
+    // A partial head entry over a full one, caught by a snapshot, written again (new sub-clusters): a partial
+    // entry on it holding its sub-clusters too. When that snapshot goes, nothing reads the middle entry any more
+    // (the head's holds all of it) and GC drops it.
+    let s4 = e.snapshot(v.uuid, "s4").await.unwrap();
+    let p = pattern(4096, 14);
+    vol.write(2 * CS + 8192, p.clone(), WriteFlags::default())
+        .await
+        .unwrap();
+    write(&mut model, 2 * CS + 8192, &p);
+    assert_eq!(e.sr_info().allocated_bytes, 9 * CS);
+    assert_eq!(partial(&e), 3);
+    assert!(
+        read_all(vol.clone()).await == model,
+        "head, three layers in cluster 2"
+    );
+    e.destroy(s4.uuid).await.unwrap();
+    e.gc_now().await.unwrap();
+    assert_eq!(
+        e.sr_info().allocated_bytes,
+        8 * CS,
+        "the partial entry only s4 saw is dropped"
+    );
+    assert_eq!(partial(&e), 2);
+    assert!(read_all(vol.clone()).await == model, "head after s4 went");
+    assert!(
+        read_all(sv.clone()).await == at_snap,
+        "first snapshot after s4 went"
+    );
+    drop(sv);
     e.destroy(s.uuid).await.unwrap();
     e.gc_now().await.unwrap();
     assert_eq!(
