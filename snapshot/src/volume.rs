@@ -491,22 +491,15 @@ pub(crate) async fn fold_partial(
         r.map_err(EngineError::Io)?;
         i = j;
     }
-    let top_key = keys::map(vs.id, cluster, top.epoch);
-    let base_key = keys::map(vs.id, cluster, base.epoch);
     let mut b = WriteBatch::default();
-    keys::put_map(&mut b, &top_key, top.pcluster, FULL_MASK);
-    b.delete(base_key);
-    b.put(keys::free(base.pcluster), []);
-    b.merge(keys::count(vs.id, base.epoch), keys::delta(-1));
-    b.merge(keys::RECLAIMED, cs.to_be_bytes());
-    // Synced: the freed cluster is reused right after. Any pending widening of the entry is superseded.
-    inner
-        .dirty
-        .write_changing(inner, b, true, [(vs.id, cluster, top.epoch)])?;
-    invalidate(inner, vs.id, cluster);
-    vs.add_count(base.epoch, -1);
-    inner.reclaimed.fetch_add(cs, Ordering::Relaxed);
-    crate::gc::release_clusters(inner, vec![base.pcluster]).await;
+    keys::put_map(
+        &mut b,
+        &keys::map(vs.id, cluster, top.epoch),
+        top.pcluster,
+        FULL_MASK,
+    );
+    // Any pending widening of the head entry is superseded by the full mask.
+    commit_freeing(inner, vs, cluster, b, top.epoch, &base).await?;
     Ok(true)
 }
 
@@ -528,21 +521,35 @@ async fn drop_middle(
     {
         return Ok(false);
     }
+    commit_freeing(inner, vs, cluster, WriteBatch::default(), mid.epoch, mid).await?;
+    Ok(true)
+}
+
+/// Add to `b` the deletion of `vs`'s entry `freed` of `cluster` (its cluster back on the free list, the counts
+/// adjusted) and commit it synced, since the cluster is reused right after, superseding any pending widening of
+/// the entry at `changed` (see [`crate::dirty`]); then forget the cluster's cached lookups and release the freed
+/// cluster. Caller holds the cluster's stripe exclusively.
+async fn commit_freeing(
+    inner: &Arc<Inner>,
+    vs: &Arc<VolState>,
+    cluster: u64,
+    mut b: WriteBatch,
+    changed: u64,
+    freed: &Loc,
+) -> EResult<()> {
     let cs = inner.cs;
-    let mut b = WriteBatch::default();
-    b.delete(keys::map(vs.id, cluster, mid.epoch));
-    b.put(keys::free(mid.pcluster), []);
-    b.merge(keys::count(vs.id, mid.epoch), keys::delta(-1));
+    b.delete(keys::map(vs.id, cluster, freed.epoch));
+    b.put(keys::free(freed.pcluster), []);
+    b.merge(keys::count(vs.id, freed.epoch), keys::delta(-1));
     b.merge(keys::RECLAIMED, cs.to_be_bytes());
-    // Synced: the freed cluster is reused right after.
     inner
         .dirty
-        .write_changing(inner, b, true, [(vs.id, cluster, mid.epoch)])?;
+        .write_changing(inner, b, true, [(vs.id, cluster, changed)])?;
     invalidate(inner, vs.id, cluster);
-    vs.add_count(mid.epoch, -1);
+    vs.add_count(freed.epoch, -1);
     inner.reclaimed.fetch_add(cs, Ordering::Relaxed);
-    crate::gc::release_clusters(inner, vec![mid.pcluster]).await;
-    Ok(true)
+    crate::gc::release_clusters(inner, vec![freed.pcluster]).await;
+    Ok(())
 }
 
 impl Volume {
