@@ -884,34 +884,32 @@ impl Volume {
             .reserve()
             .ok_or(BlockError::NoSpace)?;
         self.inner.ensure_allocated((res.pcluster + 1) * cs).await;
+        // Over one full entry, or over a partial entry lying on one: the new entry is partial and holds the
+        // written sub-clusters (and that partial entry's). It is written whole, zeroes around the data (hidden by
+        // the mask): the cluster's extent in the data file is then fully written, so later small writes into it
+        // do not split preallocated extents.
+        let held = match layers.as_slice() {
+            [f] if f.is_full() => Some(&layers[..0]),
+            [p, f] if !p.is_full() && f.is_full() => Some(&layers[..1]),
+            _ => None,
+        };
         let built = if need == FULL_MASK && in_off == 0 && data.len() as u64 == cs || !beneath_data
         {
             Ok((in_off, data, FULL_MASK))
-        } else if layers.len() == 1 && layers[0].is_full() && need != FULL_MASK {
-            // Written whole (zeroes around the data, which the mask hides): the cluster's extent in the data
-            // file is then fully written, so later small writes into it do not split preallocated extents.
-            self.round_out(&layers, in_off, data)
-                .await
-                .map(|(at, buf)| {
-                    let mut whole = IoBuf::zeroed(cs as usize);
-                    whole.as_mut_slice()[at as usize..at as usize + buf.len()]
-                        .copy_from_slice(&buf);
-                    (0, whole, need)
-                })
-        } else if layers.len() == 2 && !layers[0].is_full() && layers[1].is_full() {
-            // The partial entry's sub-clusters (zeroes elsewhere, hidden by the mask), then the new bytes.
-            let mask = mask_union(cs, layers[0].mask, need);
-            match self.round_out(&layers, in_off, data).await {
-                Ok((at, buf)) => self
-                    .read_layers(&layers[..1], 0, IoBuf::for_overwrite(cs as usize))
-                    .await
-                    .map(|mut whole| {
-                        whole.as_mut_slice()[at as usize..at as usize + buf.len()]
-                            .copy_from_slice(&buf);
-                        (0, whole, mask)
-                    }),
-                Err(e) => Err(e),
+        } else if let Some(held) = held.filter(|_| need != FULL_MASK) {
+            async {
+                let (at, buf) = self.round_out(&layers, in_off, data).await?;
+                let mut whole = if held.is_empty() {
+                    IoBuf::zeroed(cs as usize)
+                } else {
+                    self.read_layers(held, 0, IoBuf::for_overwrite(cs as usize))
+                        .await?
+                };
+                whole.as_mut_slice()[at as usize..at as usize + buf.len()].copy_from_slice(&buf);
+                let mask = held.iter().fold(need, |m, l| mask_union(cs, m, l.mask));
+                Ok((0, whole, mask))
             }
+            .await
         } else {
             let whole = self
                 .read_layers(&layers, 0, IoBuf::for_overwrite(cs as usize))
