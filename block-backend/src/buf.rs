@@ -127,9 +127,16 @@ impl IoBuf {
         IoBuf { ptr, len, cap }
     }
 
-    /// A buffer holding a copy of `data`.
+    /// A buffer holding a copy of `data` (bytes past it, which `set_len` may reveal, are zero as in
+    /// [`IoBuf::zeroed`]). Only the tail is cleared: zeroing the whole buffer before the copy wrote every byte
+    /// twice on the per-request paths that split a write.
     pub fn from_slice(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
+        let (mut b, fresh) = Self::take(data.len());
+        if !fresh {
+            // SAFETY: ptr is valid for `cap >= len` bytes and we own the buffer exclusively; the range
+            // [len, cap) lies within the allocation.
+            unsafe { std::ptr::write_bytes(b.ptr.as_ptr().add(b.len), 0, b.cap - b.len) };
+        }
         b.as_mut_slice().copy_from_slice(data);
         b
     }
@@ -292,6 +299,18 @@ mod tests {
         drop(bufs);
         let kept = POOL.with(|p| p.borrow().free[Pool::class(1 << 20).unwrap_or(0)].len());
         assert_eq!(kept, Pool::limit(Pool::class(1 << 20).unwrap_or(0)));
+    }
+
+    #[test]
+    fn from_slice_of_a_recycled_buffer_has_a_zero_tail() {
+        // Dirty a pooled buffer, recycle it, and check a shorter copy leaves nothing of it past the copy.
+        let mut b = IoBuf::for_overwrite(4096);
+        b.as_mut_slice().fill(0xAB);
+        drop(b);
+        let mut c = IoBuf::from_slice(&[1u8; 100]);
+        assert_eq!(&c[..], &[1u8; 100][..]);
+        c.set_len(4096);
+        assert!(c[100..].iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! object's volume and snapshot view; every map entry's checksum, that it points below the allocator's high-water
 //! mark and at a cluster that is not free, and that no cluster is owned by two entries; that every cluster below
 //! the mark is either mapped or free (no leaks); and that the persisted free list matches the allocator in memory.
-//! Run it while the SR is quiet: clusters reserved by in-flight writes would show as leaks.
+//! The committed metadata is read from one RocksDB snapshot, so it is checked as of one instant. Run it while
+//! the SR is quiet all the same: clusters reserved by in-flight writes would show as leaks.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -45,7 +46,10 @@ impl Engine {
     /// Check the SR's metadata for consistency (see the module docs).
     pub fn check(&self) -> Result<CheckReport> {
         let inner = &self.inner;
-        let db = &inner.db;
+        // One point-in-time view of everything: the high-water mark, the map, the free list and the counts are
+        // changed together in batches, so read from one snapshot they agree even while I/O goes on (reading the
+        // mark before iterating reported the entries of writes committed in between as beyond it).
+        let db = inner.db.snapshot();
         let mut rep = CheckReport::default();
         let mut objects: HashMap<uuid::Uuid, ObjectRecord> = HashMap::new();
         let mut volumes: HashMap<u64, VolumeRecord> = HashMap::new();

@@ -458,7 +458,7 @@ impl Engine {
         for r in prefix_scan(&db, keys::prefix::GC) {
             let (k, _) = r?;
             if let Some(vol) = keys::u64_at(&k, 1) {
-                st.gc_pending.insert(vol);
+                st.request_gc(vol);
             }
         }
         let read_u64 = |k: &[u8]| -> Result<u64> {
@@ -993,7 +993,7 @@ impl Engine {
             st.next_vol = nv.id + 1;
             st.volumes.insert(nv.id, nv);
             st.objects.insert(vdi, rec);
-            st.gc_pending.insert(old.id);
+            st.request_gc(old.id);
         }
         info!(%vdi, %snap, "reverted VDI to snapshot");
         self.inner.gc_wake.notify_one();
@@ -1054,7 +1054,7 @@ impl Engine {
                 let mut st = self.inner.state.write();
                 st.objects.remove(&id);
                 st.names.remove(&rec.name);
-                st.gc_pending.insert(vs.id);
+                st.request_gc(vs.id);
             }
             ObjectKind::Snapshot => {
                 let epoch = rec
@@ -1087,7 +1087,7 @@ impl Engine {
                 if !rec.name.is_empty() {
                     st.names.remove(&rec.name);
                 }
-                st.gc_pending.insert(vs.id);
+                st.request_gc(vs.id);
             }
         }
         info!(%id, kind = rec.kind.as_str(), "destroyed");

@@ -7,6 +7,10 @@
 //! it from every view that could see it). A volume with no views left is deleted whole, and may release a hidden
 //! parent snapshot, which cascades.
 //!
+//! Concurrency: GC runs beside live I/O and snapshots. Each batch reads the views under the volume's barrier and
+//! commits before releasing it, so a snapshot (a new head epoch) never lands between a batch's decision and its
+//! commit; GC requests are numbered so a pass never clears one that arrived while it ran (see `collect_volume`).
+//!
 //! Crash safety: every GC batch deletes entries and records their clusters free atomically; the `g` marker goes
 //! only when the volume is done, so a crash simply makes the next open resume. GC is idempotent: it recomputes
 //! garbage from the committed state each time. Freed clusters are punched out of the data file after their batch
@@ -26,6 +30,9 @@ use crate::records::ObjectKind;
 
 /// Entries deleted per GC batch.
 const GC_BATCH: usize = 4096;
+
+/// Passes over one volume per [`Engine::gc_now`] call at most (see there).
+const PASSES_PER_CALL: usize = 2;
 
 /// Make every acknowledged write durable: data file first, then the metadata WAL, so a committed map entry never
 /// points at data that is not on disk.
@@ -147,15 +154,29 @@ impl Engine {
     }
 
     /// Run garbage collection now, returning the bytes reclaimed.
+    ///
+    /// Every volume pending when a pass ends is collected, including ones a pass itself queued (a hidden parent
+    /// released by its last clone); a volume asked for again while its pass ran gets one more pass, but at most
+    /// [`PASSES_PER_CALL`] per call, so a steady stream of requests (trims freeing entries beneath partial ones)
+    /// cannot keep this call, and the lock it holds, forever.
     pub async fn gc_now(&self) -> Result<u64> {
         let inner = &self.inner;
         let _g = inner.gc_lock.lock().await;
         let mut total = 0;
+        let mut passes: std::collections::HashMap<u64, usize> = Default::default();
         loop {
-            let Some(vol) = inner.state.read().gc_pending.iter().next().copied() else {
+            let next = inner
+                .state
+                .read()
+                .gc_pending
+                .iter()
+                .find(|(v, _)| passes.get(v).copied().unwrap_or(0) < PASSES_PER_CALL)
+                .map(|(&v, &s)| (v, s));
+            let Some((vol, seq)) = next else {
                 break;
             };
-            total += self.collect_volume(vol).await?;
+            *passes.entry(vol).or_default() += 1;
+            total += self.collect_volume(vol, seq).await?;
         }
         if total > 0 {
             info!(bytes = total, "GC reclaimed space");
@@ -163,19 +184,30 @@ impl Engine {
         Ok(total)
     }
 
-    async fn collect_volume(&self, vol: u64) -> Result<u64> {
+    /// One GC pass over `vol`, begun for its GC request number `seq`.
+    ///
+    /// Which entries are dead depends on the volume's views, and a snapshot adds one (the head moves to a new
+    /// epoch) while a pass runs. So each batch reads the views under the volume's barrier and holds it until the
+    /// batch is committed: a snapshot or revert, which take the barrier exclusively, happen between batches,
+    /// never between a batch's decision and its commit. (A pass that kept the views it read when it began deleted
+    /// the head's entries at the new epoch, which no view it knew could see, and freed their clusters under live
+    /// data.) Views only shrink by a destroy, which requests GC again: entries a batch kept for a view destroyed
+    /// since are collected by the next pass ([`State::finish_gc`](crate::state::State::finish_gc)).
+    async fn collect_volume(&self, vol: u64, seq: u64) -> Result<u64> {
         let inner = &self.inner;
         let Some(vs) = inner.state.read().volumes.get(&vol).cloned() else {
             inner.db.delete(keys::gc(vol))?;
-            inner.state.write().gc_pending.remove(&vol);
+            inner.state.write().finish_gc(vol, seq);
             return Ok(0);
         };
-        let views = vs.gc_views();
-        let dead = views.is_empty();
+        // A volume with no views (no head, no snapshot) can never gain one: it is deleted whole.
+        let dead = vs.gc_views().is_empty();
         let mut reclaimed = 0u64;
         let end = keys::map(vol + 1, 0, u64::MAX);
         let mut start = keys::map(vol, 0, u64::MAX).to_vec();
         loop {
+            let barrier = vs.barrier.read().await;
+            let views = vs.gc_views();
             let mut b = WriteBatch::default();
             let mut freed = Vec::new();
             let mut deltas: std::collections::BTreeMap<u64, i64> = Default::default();
@@ -253,8 +285,10 @@ impl Engine {
                     vs.add_count(e, d);
                 }
                 reclaimed += bytes;
-                release_clusters(inner, freed).await;
             }
+            // fold_partial takes the barrier itself; punching holes need not hold off snapshots.
+            drop(barrier);
+            release_clusters(inner, freed).await;
             for c in fold {
                 if crate::volume::fold_partial(inner, &vs, c).await? {
                     reclaimed += inner.cs;
@@ -264,6 +298,11 @@ impl Engine {
                 Some(s) => start = s,
                 None => break,
             }
+        }
+        if !dead && inner.state.read().gc_pending.get(&vol) != Some(&seq) {
+            // Asked for again while this pass ran (a view destroyed since it began): the `g` key stays and the
+            // next pass finishes the job.
+            return Ok(reclaimed);
         }
         let mut b = WriteBatch::default();
         b.delete(keys::gc(vol));
@@ -290,7 +329,9 @@ impl Engine {
         }
         inner.write(b, true)?;
         let mut st = inner.state.write();
-        st.gc_pending.remove(&vol);
+        // A request that arrived after the check above keeps the volume pending (in memory; its `g` key may be
+        // gone, so a crash before the next pass would leave that garbage until the volume's next GC request).
+        st.finish_gc(vol, seq);
         if dead {
             st.volumes.remove(&vol);
             inner.carry.write().remove(&vol);
@@ -301,7 +342,7 @@ impl Engine {
             if let Some(pv) = st.volumes.get(&pvol) {
                 pv.views.lock().remove(&epoch);
             }
-            st.gc_pending.insert(pvol);
+            st.request_gc(pvol);
             debug!(%uuid, "hidden snapshot released by its last clone");
         }
         Ok(reclaimed)

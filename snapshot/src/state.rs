@@ -4,7 +4,7 @@
 //! that records the change has been written. The data path reads it without touching the control-plane lock:
 //! a volume's current epoch is an atomic, its live snapshot epochs a small set, its parent a direct `Arc`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -90,11 +90,31 @@ pub struct State {
     pub next_vol: u64,
     /// Open handles per object.
     pub open: HashMap<Uuid, usize>,
-    /// Volumes awaiting GC.
-    pub gc_pending: BTreeSet<u64>,
+    /// Volumes awaiting GC, each with the number of its latest request ([`State::request_gc`]).
+    pub gc_pending: BTreeMap<u64, u64>,
+    /// Last GC request number handed out.
+    pub gc_seq: u64,
 }
 
 impl State {
+    /// Ask for a GC pass over `vol` (after committing the batch that recorded its `g` key). Requests are
+    /// numbered so that a pass already running, which may have looked at the volume before this change, does not
+    /// clear the request when it ends ([`State::finish_gc`]).
+    pub fn request_gc(&mut self, vol: u64) {
+        self.gc_seq += 1;
+        self.gc_pending.insert(vol, self.gc_seq);
+    }
+
+    /// Clear `vol`'s GC request if it is still request `seq`, the one a pass read when it began. Returns false
+    /// when a newer request arrived meanwhile: the volume stays pending and gets another pass.
+    pub fn finish_gc(&mut self, vol: u64, seq: u64) -> bool {
+        if self.gc_pending.get(&vol) != Some(&seq) {
+            return false;
+        }
+        self.gc_pending.remove(&vol);
+        true
+    }
+
     /// Volumes whose parent is the view (vol, epoch).
     pub fn dependents(&self, vol: u64, epoch: u64) -> Vec<u64> {
         let mut d: Vec<u64> = self

@@ -179,6 +179,9 @@ pub(crate) struct CacheShard {
     generation: u64,
 }
 
+/// A request split at cluster boundaries: (cluster, offset in cluster, length, offset in request) per piece.
+type Pieces = smallvec::SmallVec<[(u64, u64, u64, u64); 4]>;
+
 /// A piece of a read: (offset in the caller's buffer, length, byte offset in the data file or `None` for zeroes).
 type Segment = (usize, usize, Option<u64>);
 
@@ -615,10 +618,12 @@ impl Volume {
         Ok(())
     }
 
-    /// Split [offset, offset+len) into (cluster, offset in cluster, length, offset in request).
-    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
+    /// Split [offset, offset+len) into (cluster, offset in cluster, length, offset in request). Inline for the
+    /// common case (a request within a few clusters): this runs on every request, and a heap allocation here was
+    /// a visible part of the thin read path's CPU.
+    fn pieces(&self, offset: u64, len: u64) -> Pieces {
         let cs = self.cs();
-        let mut out = Vec::with_capacity((len / cs + 2) as usize);
+        let mut out = Pieces::with_capacity((len / cs + 2) as usize);
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -1072,7 +1077,7 @@ impl Volume {
 
     /// Note (after a committed batch that put the volume's GC key) that the volume has garbage to collect.
     fn wake_gc(&self) {
-        self.inner.state.write().gc_pending.insert(self.vol.id);
+        self.inner.state.write().request_gc(self.vol.id);
         self.inner.gc_wake.notify_one();
     }
 
