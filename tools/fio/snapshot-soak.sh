@@ -4,7 +4,11 @@
 # changed) and destroyed, GC runs, and `sr check` looks at the metadata. Stops at the first problem.
 #
 #   tools/fio/snapshot-soak.sh [--shale PATH] [--runtime SECS] [--size 256M|1G] [--interval SECS] [--dir DIR]
+#                              [--clones]
 #
+# --clones: each round also clones its snapshot and writes into the clone (unaligned pattern writes through the
+# daemon); two rounds later the snapshot is destroyed first (it stays as the clone's hidden parent), the clone must
+# still read as it did, and then the clone is destroyed (GC releases the hidden parent).
 # A throwaway daemon (`shale serve`) runs in DIR (default: a new temp dir, removed on success). --size 1G uses
 # nbd-stress.fio (four 128 MiB verified writers, trims, readers); smaller sizes use nbd-churn.fio (256 MiB).
 # Needs fio with the nbd engine and python3. Exit status 0 only if fio verified everything, no snapshot changed
@@ -13,7 +17,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-SHALE="" RUNTIME=300 SIZE=256M INTERVAL=4 DIR="" fio=""
+SHALE="" RUNTIME=300 SIZE=256M INTERVAL=4 DIR="" fio="" CLONES=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --shale) SHALE="$2"; shift 2 ;;
@@ -21,6 +25,7 @@ while [[ $# -gt 0 ]]; do
         --size) SIZE="$2"; shift 2 ;;
         --interval) INTERVAL="$2"; shift 2 ;;
         --dir) DIR="$2"; shift 2 ;;
+        --clones) CLONES=1; shift ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -40,8 +45,9 @@ daemon=$!
 trap 'kill $daemon 2>/dev/null; kill $fio 2>/dev/null' EXIT
 for _ in $(seq 100); do c sr list > /dev/null 2>&1 && break; sleep 0.1; done
 c vdi create --name soak --size "$SIZE" > /dev/null || exit 1
+bytes=$(c --json vdi show soak | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')
 uri=$(c --json vdi export soak | python3 -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])')
-echo "soak: $SIZE VDI, $(basename "$job"), ${RUNTIME}s, a snapshot every ${INTERVAL}s; logs in $DIR"
+echo "soak: $SIZE VDI, $(basename "$job"), ${RUNTIME}s, a snapshot every ${INTERVAL}s$([[ $CLONES -eq 1 ]] && echo " (and a clone)"); logs in $DIR"
 NBD_URI="$uri" RUNTIME="$RUNTIME" fio "$job" --output="$DIR/fio.out" 2> "$DIR/fio.err" &
 fio=$!
 declare -A digest
@@ -51,6 +57,15 @@ while kill -0 $fio 2> /dev/null; do
     round=$((round + 1))
     c vdi snapshot soak --name "s$round" > /dev/null || { echo "round $round: snapshot failed"; fail=1; break; }
     digest[s$round]=$(c vdi digest "s$round") || { echo "round $round: digest failed"; fail=1; break; }
+    if [[ $CLONES -eq 1 ]]; then
+        c vdi clone "s$round" --name "c$round" > /dev/null || { echo "round $round: clone failed"; fail=1; break; }
+        for k in 1 2 3; do
+            off=$(( (round * 7919 + k * 104729) % (bytes / 65536 - 2) * 65536 + k * 1000 ))
+            c vdi write "c$round" --offset "$off" --pattern $(( (round * 3 + k) % 255 + 1 )) --length 100000 \
+                > /dev/null || { echo "round $round: write to clone failed"; fail=1; break 2; }
+        done
+        digest[c$round]=$(c vdi digest "c$round") || { echo "round $round: clone digest failed"; fail=1; break; }
+    fi
     old=$((round - 2))
     if [[ $old -ge 1 ]]; then
         now=$(c vdi digest "s$old")
@@ -58,6 +73,14 @@ while kill -0 $fio 2> /dev/null; do
             echo "round $round: snapshot s$old changed: ${digest[s$old]} -> $now"; fail=1; break
         fi
         c vdi destroy "s$old" > /dev/null || { echo "round $round: destroy s$old failed"; fail=1; break; }
+        if [[ $CLONES -eq 1 ]]; then
+            c sr gc local > /dev/null || { echo "round $round: gc failed"; fail=1; break; }
+            now=$(c vdi digest "c$old")
+            if [[ "$now" != "${digest[c$old]}" ]]; then
+                echo "round $round: clone c$old changed once its parent was hidden: ${digest[c$old]} -> $now"; fail=1; break
+            fi
+            c vdi destroy "c$old" > /dev/null || { echo "round $round: destroy c$old failed"; fail=1; break; }
+        fi
     fi
     c sr gc local > /dev/null || { echo "round $round: gc failed"; fail=1; break; }
     if ! c sr check > "$DIR/check.out" 2>&1; then
