@@ -38,6 +38,7 @@ job="$here/nbd-churn.fio"
 keep=1
 if [[ -z "$DIR" ]]; then DIR=$(mktemp -d /var/tmp/shale-soak.XXXXXX); keep=0; fi
 mkdir -p "$DIR"
+if [[ -e "$DIR/state" ]]; then echo "$DIR/state exists: pass an empty or new --dir" >&2; exit 2; fi
 sock="$DIR/shale.sock"
 c() { "$SHALE" --socket "$sock" "$@"; }
 "$SHALE" serve --state-dir "$DIR/state" --socket "$sock" --no-nbd-tcp > "$DIR/daemon.log" 2>&1 &
