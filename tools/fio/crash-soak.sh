@@ -9,7 +9,6 @@
 # crash test, `snapshot/tests/crash.rs`.) Needs fio with the nbd engine and python3.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../.." && pwd)
 SHALE="" CYCLES=4 SIZE=1G DIR=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -20,29 +19,14 @@ while [[ $# -gt 0 ]]; do
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
-if [[ -z "$SHALE" ]]; then
-    (cd "$repo" && cargo build -q -p shale) || exit 1
-    SHALE="${CARGO_TARGET_DIR:-$repo/target}/debug/shale"
-fi
-job="$here/nbd-churn.fio"
-[[ "$SIZE" == 1G || "$SIZE" == 1024M ]] && job="$here/nbd-stress.fio"
-keep=1
-if [[ -z "$DIR" ]]; then DIR=$(mktemp -d /var/tmp/shale-crash-soak.XXXXXX); keep=0; fi
-mkdir -p "$DIR"
-if [[ -e "$DIR/state" ]]; then echo "$DIR/state exists: pass an empty or new --dir" >&2; exit 2; fi
-sock="$DIR/shale.sock" daemon="" fio=""
-c() { "$SHALE" --socket "$sock" "$@"; }
-start() {
-    "$SHALE" serve --state-dir "$DIR/state" --socket "$sock" --no-nbd-tcp >> "$DIR/daemon.log" 2>&1 &
-    daemon=$!
-    for _ in $(seq 300); do c sr list > /dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "the daemon did not come back (see $DIR/daemon.log)"; return 1
-}
+# shellcheck source=soak-lib.sh
+source "$here/soak-lib.sh"
+soak_prepare shale-crash-soak
+daemon="" fio=""
 fail() { echo "cycle $cycle: $*"; kill $daemon $fio 2> /dev/null; exit 1; }
 trap 'kill $daemon $fio 2>/dev/null' EXIT
-start || exit 1
-c vdi create --name soak --size "$SIZE" > /dev/null || exit 1
-uri=$(c --json vdi export soak | python3 -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])')
+soak_start_daemon || exit 1
+soak_create_vdi
 echo "crash soak: $SIZE VDI, $(basename "$job"), $CYCLES kill -9 cycles; logs in $DIR"
 declare -A digest
 n=0
@@ -62,7 +46,7 @@ for cycle in $(seq "$CYCLES"); do
     sleep "$((RANDOM % 3)).$((RANDOM % 10))"
     kill -9 "$daemon"; wait "$daemon" 2> /dev/null
     kill "$fio" 2> /dev/null; wait "$fio" 2> /dev/null
-    start || fail "restart failed"
+    soak_start_daemon || fail "restart failed"
     c sr check > "$DIR/check.out" 2>&1 || { head -20 "$DIR/check.out"; fail "sr check after recovery"; }
     for s in "${!digest[@]}"; do
         [[ "$(c vdi digest "$s")" == "${digest[$s]}" ]] || fail "snapshot $s changed across the crash"

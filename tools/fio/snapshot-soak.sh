@@ -16,8 +16,7 @@
 # only that line is tolerated during the run; the final check, with the SR quiet, must be clean).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../.." && pwd)
-SHALE="" RUNTIME=300 SIZE=256M INTERVAL=4 DIR="" fio="" CLONES=0
+SHALE="" RUNTIME=300 SIZE=256M INTERVAL=4 DIR="" fio="" daemon="" CLONES=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --shale) SHALE="$2"; shift 2 ;;
@@ -29,25 +28,12 @@ while [[ $# -gt 0 ]]; do
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
-if [[ -z "$SHALE" ]]; then
-    (cd "$repo" && cargo build -q -p shale) || exit 1
-    SHALE="${CARGO_TARGET_DIR:-$repo/target}/debug/shale"
-fi
-job="$here/nbd-churn.fio"
-[[ "$SIZE" == 1G || "$SIZE" == 1024M ]] && job="$here/nbd-stress.fio"
-keep=1
-if [[ -z "$DIR" ]]; then DIR=$(mktemp -d /var/tmp/shale-soak.XXXXXX); keep=0; fi
-mkdir -p "$DIR"
-if [[ -e "$DIR/state" ]]; then echo "$DIR/state exists: pass an empty or new --dir" >&2; exit 2; fi
-sock="$DIR/shale.sock"
-c() { "$SHALE" --socket "$sock" "$@"; }
-"$SHALE" serve --state-dir "$DIR/state" --socket "$sock" --no-nbd-tcp > "$DIR/daemon.log" 2>&1 &
-daemon=$!
-trap 'kill $daemon 2>/dev/null; kill $fio 2>/dev/null' EXIT
-for _ in $(seq 100); do c sr list > /dev/null 2>&1 && break; sleep 0.1; done
-c vdi create --name soak --size "$SIZE" > /dev/null || exit 1
-bytes=$(c --json vdi show soak | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')
-uri=$(c --json vdi export soak | python3 -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])')
+# shellcheck source=soak-lib.sh
+source "$here/soak-lib.sh"
+soak_prepare shale-soak
+trap 'kill $daemon $fio 2>/dev/null' EXIT
+soak_start_daemon || exit 1
+soak_create_vdi
 echo "soak: $SIZE VDI, $(basename "$job"), ${RUNTIME}s, a snapshot every ${INTERVAL}s$([[ $CLONES -eq 1 ]] && echo " (and a clone)"); logs in $DIR"
 NBD_URI="$uri" RUNTIME="$RUNTIME" fio "$job" --output="$DIR/fio.out" 2> "$DIR/fio.err" &
 fio=$!
