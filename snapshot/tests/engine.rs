@@ -23,6 +23,22 @@ async fn sr(dir: &std::path::Path, capacity: Option<u64>) -> Engine {
     .unwrap()
 }
 
+/// The smallest cluster size: many clusters (and GC batches) for little data.
+const SMALL: u64 = 4096;
+
+/// An SR with [`SMALL`] clusters.
+fn small_sr(dir: &std::path::Path) -> Engine {
+    Engine::create(
+        dir,
+        SrConfig {
+            cluster_size: SMALL as u32,
+            capacity: None,
+        },
+        io(),
+    )
+    .unwrap()
+}
+
 fn pattern(n: usize, seed: u8) -> IoBuf {
     IoBuf::from_slice(
         &(0..n)
@@ -739,20 +755,11 @@ async fn widenings_committed_by_concurrent_flushes_never_hide_acknowledged_write
 /// which a snapshot takes exclusively.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_running_across_a_snapshot_keeps_the_heads_new_entries() {
-    const SMALL: u64 = 4096;
     // Three GC batches of 4096 entries, so the snapshot below lands while the pass is still running.
     const N: u64 = 3 * 4096;
     for round in 0..2u8 {
         let t = tempfile::tempdir().unwrap();
-        let e = Engine::create(
-            &t.path().join("sr"),
-            SrConfig {
-                cluster_size: SMALL as u32,
-                capacity: None,
-            },
-            io(),
-        )
-        .unwrap();
+        let e = small_sr(&t.path().join("sr"));
         let v = e.create_vdi("v", N * SMALL).await.unwrap();
         let vol = e.open_volume(v.uuid).unwrap();
         let fill = |seed: u8| {
@@ -817,20 +824,11 @@ async fn concurrent_writers_snapshots_and_gc_lose_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    const SMALL: u64 = 4096;
     const WRITERS: u64 = 4;
     const REGION: u64 = 16 << 20;
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("sr");
-    let e = Engine::create(
-        &dir,
-        SrConfig {
-            cluster_size: SMALL as u32,
-            capacity: None,
-        },
-        io(),
-    )
-    .unwrap();
+    let e = small_sr(&dir);
     let v = e.create_vdi("v", WRITERS * REGION).await.unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
