@@ -79,14 +79,21 @@ impl IoBuf {
     /// A zero-filled buffer of `len` bytes (the capacity is rounded up to [`ALIGN`], and to a power of two for
     /// buffers the pool recycles).
     pub fn zeroed(len: usize) -> Self {
-        let (b, fresh) = Self::take(len);
+        let (mut b, fresh) = Self::take(len);
         if !fresh {
             // Recycled memory holds earlier contents; clear all of it, so bytes revealed by `set_len` are zero
             // too. (A fresh allocation is already zero: touching it here would only fault its pages in early.)
-            // SAFETY: ptr is valid for `cap` bytes and we own the buffer exclusively.
-            unsafe { std::ptr::write_bytes(b.ptr.as_ptr(), 0, b.cap) };
+            b.zero_from(0);
         }
         b
+    }
+
+    /// Zero bytes [from, cap) of the allocation.
+    fn zero_from(&mut self, from: usize) {
+        let from = from.min(self.cap);
+        // SAFETY: ptr is valid for `cap` bytes, [from, cap) lies within them, and `&mut self` means we own the
+        // buffer exclusively.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(from), 0, self.cap - from) };
     }
 
     /// A buffer of `len` bytes whose contents are unspecified (zero, or whatever an earlier user of the memory
@@ -133,9 +140,7 @@ impl IoBuf {
     pub fn from_slice(data: &[u8]) -> Self {
         let (mut b, fresh) = Self::take(data.len());
         if !fresh {
-            // SAFETY: ptr is valid for `cap >= len` bytes and we own the buffer exclusively; the range
-            // [len, cap) lies within the allocation.
-            unsafe { std::ptr::write_bytes(b.ptr.as_ptr().add(b.len), 0, b.cap - b.len) };
+            b.zero_from(data.len());
         }
         b.as_mut_slice().copy_from_slice(data);
         b

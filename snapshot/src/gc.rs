@@ -299,7 +299,7 @@ impl Engine {
                 None => break,
             }
         }
-        if !dead && inner.state.read().gc_pending.get(&vol) != Some(&seq) {
+        if !dead && !inner.state.read().gc_request_is(vol, seq) {
             // Asked for again while this pass ran (a view destroyed since it began): the `g` key stays and the
             // next pass finishes the job.
             return Ok(reclaimed);

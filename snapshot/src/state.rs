@@ -105,14 +105,18 @@ impl State {
         self.gc_pending.insert(vol, self.gc_seq);
     }
 
-    /// Clear `vol`'s GC request if it is still request `seq`, the one a pass read when it began. Returns false
-    /// when a newer request arrived meanwhile: the volume stays pending and gets another pass.
-    pub fn finish_gc(&mut self, vol: u64, seq: u64) -> bool {
-        if self.gc_pending.get(&vol) != Some(&seq) {
-            return false;
+    /// Whether `vol`'s pending GC request is still `seq`, the one a pass read when it began (no newer request
+    /// arrived meanwhile).
+    pub fn gc_request_is(&self, vol: u64, seq: u64) -> bool {
+        self.gc_pending.get(&vol) == Some(&seq)
+    }
+
+    /// Clear `vol`'s GC request if it is still `seq`; after a newer one the volume stays pending and gets
+    /// another pass.
+    pub fn finish_gc(&mut self, vol: u64, seq: u64) {
+        if self.gc_request_is(vol, seq) {
+            self.gc_pending.remove(&vol);
         }
-        self.gc_pending.remove(&vol);
-        true
     }
 
     /// Volumes whose parent is the view (vol, epoch).

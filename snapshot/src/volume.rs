@@ -22,10 +22,10 @@
 //! entry holding that entry's sub-clusters as well as the new ones, lying on it: one read of the partial entry's
 //! data instead of assembling the cluster from both layers (4 KiB random writes at QD32 over NBD, 10 s after a
 //! second snapshot of a 2 GiB VDI randomly written after the first: 27-29k IOPS with the assembly, 31-36k with
-//! this; qemu-nbd on a qcow2 overlay does 29-31k). Deeper than that, the redirect assembles and copies up the whole cluster, so a read needs at
-//! most three lookups (two layers with data), whatever the number of snapshots. GC keeps the entries beneath a
-//! live partial entry; once no snapshot sees them, it drops a middle partial entry (the head's holds all of it)
-//! and folds the full entry into the head's (`fold_partial`).
+//! this; qemu-nbd on a qcow2 overlay does 29-31k). Deeper than that, the redirect assembles and copies up the
+//! whole cluster, so a read needs at most three lookups (two layers with data), whatever the number of
+//! snapshots. GC keeps the entries beneath a live partial entry; once no snapshot sees them, it drops a middle
+//! partial entry (the head's holds all of it) and folds the full entry into the head's (`fold_partial`).
 //!
 //! The new cluster is written whole, zero-padded around the data (the mask hides the padding): writing only
 //! the touched sub-clusters leaves the data file's preallocated (unwritten) extents to be split by every later

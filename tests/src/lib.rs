@@ -258,6 +258,12 @@ impl Daemon {
         run_shale(&self.socket, args)
     }
 
+    /// The blake3 content digest of a VDI or snapshot (`shale vdi digest`): compares whole disks cheaply.
+    pub fn digest(&self, vdi: &str) -> String {
+        let v = self.shale(["--json", "vdi", "digest", vdi]).ok().json();
+        v["digest"].as_str().expect("digest field").to_string()
+    }
+
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -14,11 +14,6 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn digest(d: &Daemon, vdi: &str) -> String {
-    let v = d.shale(["--json", "vdi", "digest", vdi]).ok().json();
-    v["digest"].as_str().expect("digest field").to_string()
-}
-
 fn read_bytes(d: &Daemon, vdi: &str, offset: &str, length: &str) -> Vec<u8> {
     let out = std::process::Command::new(shale_tests::shale_bin())
         .arg("--socket")
@@ -144,7 +139,7 @@ fn lifecycle_through_the_daemon() {
         .ok()
         .json();
     assert_eq!(v["allocated_bytes"], 0);
-    let empty_digest = digest(&d, "disk");
+    let empty_digest = d.digest("disk");
 
     // Write: a pattern, and a file at an unaligned offset far into the disk.
     d.shale([
@@ -176,7 +171,7 @@ fn lifecycle_through_the_daemon() {
     assert_eq!(read_bytes(&d, "disk", "4096", "4K"), vec![0xab; 4096]);
     let v = d.shale(["--json", "vdi", "show", "disk"]).ok().json();
     assert!(v["allocated_bytes"].as_u64().unwrap() >= 1 << 20, "{v}");
-    let d0 = digest(&d, "disk");
+    let d0 = d.digest("disk");
     assert_ne!(d0, empty_digest);
 
     // Snapshot: same content, read-only.
@@ -187,7 +182,7 @@ fn lifecycle_through_the_daemon() {
     assert_eq!(snap["kind"], "snapshot");
     assert_eq!(snap["read_only"], true);
     assert_eq!(snap["snapshot_of"]["name"], "disk");
-    assert_eq!(digest(&d, "snap1"), d0);
+    assert_eq!(d.digest("snap1"), d0);
     let v = d.shale(["--json", "vdi", "show", "disk"]).ok().json();
     assert_eq!(v["snapshots"][0]["name"], "snap1");
 
@@ -204,9 +199,9 @@ fn lifecycle_through_the_daemon() {
         "1M",
     ])
     .ok();
-    let d1 = digest(&d, "disk");
+    let d1 = d.digest("disk");
     assert_ne!(d1, d0);
-    assert_eq!(digest(&d, "snap1"), d0);
+    assert_eq!(d.digest("snap1"), d0);
     assert_eq!(read_bytes(&d, "snap1", "512K", "4K"), vec![0xab; 4096]);
     assert_eq!(read_bytes(&d, "disk", "512K", "4K"), vec![0xcd; 4096]);
     d.shale(["vdi", "write", "snap1", "--pattern", "1", "--length", "512"])
@@ -220,7 +215,7 @@ fn lifecycle_through_the_daemon() {
         .json();
     assert_eq!(clone["kind"], "vdi");
     assert_eq!(clone["parent"]["name"], "snap1");
-    assert_eq!(digest(&d, "clone1"), d0);
+    assert_eq!(d.digest("clone1"), d0);
     d.shale([
         "vdi",
         "write",
@@ -233,12 +228,12 @@ fn lifecycle_through_the_daemon() {
         "64K",
     ])
     .ok();
-    assert_ne!(digest(&d, "clone1"), d0);
-    assert_eq!(digest(&d, "snap1"), d0);
+    assert_ne!(d.digest("clone1"), d0);
+    assert_eq!(d.digest("snap1"), d0);
 
     // Revert: back to the snapshot's content.
     d.shale(["vdi", "revert", "disk", "snap1"]).ok();
-    assert_eq!(digest(&d, "disk"), d0);
+    assert_eq!(d.digest("disk"), d0);
 
     // Resize: grow online; shrink only with --allow-shrink.
     let v = d
@@ -255,7 +250,7 @@ fn lifecycle_through_the_daemon() {
         .json();
     assert_eq!(v["size"], 4 * G);
     assert_eq!(
-        digest(&d, "disk"),
+        d.digest("disk"),
         d0,
         "shrinking back to the written size keeps the data"
     );
@@ -483,7 +478,7 @@ fn lifecycle_through_the_daemon() {
     assert!(st.success(), "daemon exit status {st}");
     assert!(!socket.exists(), "socket removed on stop");
     let d = Daemon::start(&state);
-    assert_eq!(digest(&d, "disk"), d0);
+    assert_eq!(d.digest("disk"), d0);
     assert_eq!(read_bytes(&d, "disk", "1073741827", "100000"), blob);
     d.shale(["sr", "check", "local"]).ok();
     assert!(d.stop().success());
@@ -528,7 +523,7 @@ fn full_sr_fails_cleanly_and_recovers() {
         "2M",
     ])
     .ok();
-    let da = digest(&d, "small/a");
+    let da = d.digest("small/a");
 
     // b cannot get 8 MiB out of the 2 MiB left.
     d.shale([
@@ -543,7 +538,7 @@ fn full_sr_fails_cleanly_and_recovers() {
     .fails_with(&["SR 'small' is full"])
     .one_line_error();
     // Existing data and metadata are intact.
-    assert_eq!(digest(&d, "small/a"), da);
+    assert_eq!(d.digest("small/a"), da);
     d.shale(["sr", "check", "small"]).ok();
     d.shale([
         "vdi",
@@ -557,7 +552,7 @@ fn full_sr_fails_cleanly_and_recovers() {
         "1M",
     ])
     .fails_with(&["full"]);
-    assert_eq!(digest(&d, "small/a"), da);
+    assert_eq!(d.digest("small/a"), da);
 
     // Free space: destroy b, reclaim, and writes work again.
     d.shale(["vdi", "destroy", "small/b"]).ok();

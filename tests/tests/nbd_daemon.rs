@@ -295,11 +295,6 @@ fn fio_verify_with_several_connections() {
     d.stop();
 }
 
-fn digest(d: &Daemon, vdi: &str) -> String {
-    let v = d.shale(["--json", "vdi", "digest", vdi]).ok().json();
-    v["digest"].as_str().expect("digest field").to_string()
-}
-
 /// fio stress with crc32c verification (`tools/fio/nbd-churn.fio`: writers of 2 KiB to 192 KiB, trims, readers,
 /// six connections) on a VDI while snapshots are taken every two seconds, each re-digested two rounds later and
 /// destroyed, and GC runs: no acknowledged write is lost or goes stale, no snapshot changes, and the metadata
@@ -329,10 +324,10 @@ fn fio_stress_under_snapshot_churn() {
         std::thread::sleep(Duration::from_secs(2));
         let name = format!("s{}", taken.len() + 1);
         d.shale(["vdi", "snapshot", "churn", "--name", &name]).ok();
-        let sum = digest(&d, &name);
+        let sum = d.digest(&name);
         taken.push((name, sum));
         if let Some((old, want)) = taken.len().checked_sub(3).map(|i| &taken[i]) {
-            assert_eq!(&digest(&d, old), want, "snapshot {old} changed");
+            assert_eq!(&d.digest(old), want, "snapshot {old} changed");
             d.shale(["vdi", "destroy", old]).ok();
         }
         d.shale(["sr", "gc", "local"]).ok();
@@ -352,7 +347,7 @@ fn fio_stress_under_snapshot_churn() {
     d.shale(["sr", "gc", "local"]).ok();
     d.shale(["sr", "check"]).ok();
     for (name, want) in taken.iter().rev().take(2) {
-        assert_eq!(&digest(&d, name), want, "snapshot {name} changed");
+        assert_eq!(&d.digest(name), want, "snapshot {name} changed");
     }
     d.stop();
 }
