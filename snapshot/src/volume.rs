@@ -45,6 +45,10 @@
 //! discards and zeroing hold it exclusive, so a cluster is never freed or replaced under a reader. A request holds
 //! at most one stripe at a time (pieces run concurrently, each with its own), so stripes cannot deadlock.
 //! Mutations also hold the volume's barrier shared, which snapshot/destroy take exclusively to drain them.
+//! A head read takes the head's epoch only once it holds its stripes: an epoch read before could be frozen by a
+//! snapshot while the read waits, and then the head's rewrite of the cluster, a destroy of that snapshot and a GC
+//! pass could free the very entry the read resolves. Holding the stripe keeps a newer entry from appearing, so
+//! the entry found at the epoch read under it stays live until the read is done.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -636,8 +640,10 @@ impl Volume {
         out
     }
 
-    async fn read_piece(&self, c: u64, in_off: u64, buf: IoBuf, epoch: u64) -> BResult<IoBuf> {
+    async fn read_piece(&self, c: u64, in_off: u64, buf: IoBuf) -> BResult<IoBuf> {
         let _g = self.inner.stripe(self.vol.id, c).read().await;
+        // Under the stripe, not before it (see the module doc on locking).
+        let epoch = self.epoch_now();
         let layers = resolve_layers(&self.inner, &self.vol, c, epoch)?;
         match layers.as_slice() {
             [loc] if loc.is_full() && loc.pcluster != ZERO_CLUSTER => {
@@ -762,12 +768,7 @@ impl Volume {
     /// deadlock; writers hold one stripe at a time), resolve every piece, and issue one I/O per physically
     /// contiguous run — straight into the caller's buffer when a single run covers the whole request, the common
     /// case for data written sequentially.
-    async fn read_multi(
-        &self,
-        pieces: &[(u64, u64, u64, u64)],
-        mut buf: IoBuf,
-        epoch: u64,
-    ) -> BResult<IoBuf> {
+    async fn read_multi(&self, pieces: &[(u64, u64, u64, u64)], mut buf: IoBuf) -> BResult<IoBuf> {
         let cs = self.cs();
         let mut idx: Vec<usize> = pieces
             .iter()
@@ -779,6 +780,8 @@ impl Volume {
         for i in idx {
             guards.push(self.inner.stripes[i].read().await);
         }
+        // Under the stripes, not before them (see the module doc on locking).
+        let epoch = self.epoch_now();
         let layers = pieces
             .iter()
             .map(|&(c, ..)| resolve_layers(&self.inner, &self.vol, c, epoch))
@@ -1238,13 +1241,12 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(buf);
         }
-        let epoch = self.epoch_now();
         let pieces = self.pieces(offset, len);
         if pieces.len() == 1 {
             let (c, in_off, _, _) = pieces[0];
-            return self.read_piece(c, in_off, buf, epoch).await;
+            return self.read_piece(c, in_off, buf).await;
         }
-        self.read_multi(&pieces, buf, epoch).await
+        self.read_multi(&pieces, buf).await
     }
 
     async fn write(&self, offset: u64, data: IoBuf, flags: WriteFlags) -> BResult<()> {

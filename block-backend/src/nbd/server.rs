@@ -565,6 +565,12 @@ impl NbdServer {
     /// Listen on TCP (use `127.0.0.1:0` for an ephemeral port; the default for Shale is loopback only).
     pub async fn listen_tcp(&self, addr: impl tokio::net::ToSocketAddrs) -> io::Result<Listener> {
         let l = TcpListener::bind(addr).await?;
+        self.serve_tcp(l)
+    }
+
+    /// [`NbdServer::listen_tcp`] past the bind. Not generic, like [`NbdServer::listen_unix_path`], and for the
+    /// same reason.
+    fn serve_tcp(&self, l: TcpListener) -> io::Result<Listener> {
         let local = l.local_addr()?;
         let server = self.clone();
         let mut stop = self.inner.shutdown.subscribe();
@@ -596,7 +602,16 @@ impl NbdServer {
 
     /// Listen on a Unix socket at `path` (a stale socket file there is replaced).
     pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<Listener> {
-        let path = path.as_ref().to_path_buf();
+        self.listen_unix_path(path.as_ref().to_path_buf())
+    }
+
+    /// [`NbdServer::listen_unix`] for one concrete path type. The connection pipeline below (accept loop,
+    /// `dispatch`, `serve_split` and every request's future) is generic over the socket halves, so it is compiled
+    /// in whichever crate instantiates it: kept behind this non-generic function, that is this crate, with its
+    /// optimisation settings. (While `listen_unix` itself held the pipeline, the daemon's copy was compiled in
+    /// `shale-sr` at the dev profile's opt-level 0, and the thin-VDI exports ran about twice the user-space CPU
+    /// per request of the file export.)
+    fn listen_unix_path(&self, path: PathBuf) -> io::Result<Listener> {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
