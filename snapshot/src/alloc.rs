@@ -14,7 +14,7 @@
 //! and recovery after an unclean shutdown punches the whole free list. The data path relies on it to write only
 //! the bytes of a partial write into a fresh cluster.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use rocksdb::WriteBatch;
 
@@ -56,6 +56,9 @@ pub struct Allocator {
     limit: Option<u64>,
     /// Clusters committed free but not yet punched/released.
     pending: u64,
+    /// Reservations handed out and not yet settled (committed, or given back): `sr check` on a live SR must not
+    /// count them as leaks, since the map entries that will own them are not committed yet.
+    in_flight: HashSet<u64>,
 }
 
 impl Allocator {
@@ -66,30 +69,53 @@ impl Allocator {
             high_water,
             limit,
             pending: 0,
+            in_flight: HashSet::new(),
         }
     }
 
     /// Reserve one cluster, lowest free first (keeps the data file compact); `None` when the SR is full.
+    /// The caller must [`settle`](Self::settle) it once its commit is written (or hand it to GC's release), or
+    /// [`unreserve`](Self::unreserve) it.
     pub fn reserve(&mut self) -> Option<Reservation> {
-        if let Some(p) = self.free.pop_first() {
-            return Some(Reservation {
+        let r = if let Some(p) = self.free.pop_first() {
+            Reservation {
                 pcluster: p,
                 source: Source::Free,
-            });
-        }
-        if self.limit.is_some_and(|l| self.high_water >= l) {
-            return None;
-        }
-        let p = self.high_water;
-        self.high_water += 1;
-        Some(Reservation {
-            pcluster: p,
-            source: Source::Fresh,
-        })
+            }
+        } else {
+            if self.limit.is_some_and(|l| self.high_water >= l) {
+                return None;
+            }
+            let p = self.high_water;
+            self.high_water += 1;
+            Reservation {
+                pcluster: p,
+                source: Source::Fresh,
+            }
+        };
+        self.in_flight.insert(r.pcluster);
+        Some(r)
+    }
+
+    /// A reservation's fate is decided: its commit is written (a map entry owns the cluster), or it was handed to
+    /// [`crate::gc::release_clusters`] after a failed write.
+    pub fn settle(&mut self, r: Reservation) {
+        self.in_flight.remove(&r.pcluster);
+    }
+
+    /// Clusters reserved and not yet settled or given back.
+    pub fn in_flight(&self) -> &HashSet<u64> {
+        &self.in_flight
+    }
+
+    /// The clusters the allocator will hand out next (the free list in memory).
+    pub fn free_set(&self) -> &BTreeSet<u64> {
+        &self.free
     }
 
     /// Give back a reservation whose commit did not happen.
     pub fn unreserve(&mut self, r: Reservation) {
+        self.in_flight.remove(&r.pcluster);
         match r.source {
             Source::Free => {
                 self.free.insert(r.pcluster);
@@ -160,6 +186,8 @@ mod tests {
         );
         assert!(a.reserve().is_none());
         assert_eq!(a.available(), Some(0));
+        assert_eq!(a.in_flight().len(), 3);
+        r.into_iter().for_each(|r| a.settle(r));
         a.add_pending(1);
         assert!(
             a.reserve().is_none(),
@@ -174,8 +202,17 @@ mod tests {
                 source: Source::Free
             }
         );
+        assert!(a.in_flight().contains(&1));
         a.unreserve(again);
         assert!(a.is_free(1));
+        assert!(!a.in_flight().contains(&1));
         assert_eq!(a.used(), 2);
+        let r = a.reserve().unwrap();
+        assert_eq!(a.in_flight().len(), 1);
+        a.settle(r);
+        assert!(
+            a.in_flight().is_empty(),
+            "a settled reservation is no longer in flight"
+        );
     }
 }

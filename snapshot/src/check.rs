@@ -2,10 +2,11 @@
 //!
 //! Verifies, from the committed metadata: every record's checksum; the name index against the objects; every
 //! object's volume and snapshot view; every map entry's checksum, that it points below the allocator's high-water
-//! mark and at a cluster that is not free, and that no cluster is owned by two entries; that every cluster below
-//! the mark is either mapped or free (no leaks); and that the persisted free list matches the allocator in memory.
-//! The committed metadata is read from one RocksDB snapshot, so it is checked as of one instant. Run it while
-//! the SR is quiet all the same: clusters reserved by in-flight writes would show as leaks.
+//! mark and at a cluster that is free neither on disk nor in the allocator's memory, and that no cluster is owned
+//! by two entries; and that every cluster below the mark is mapped, free, or reserved by a write in flight (no
+//! leaks). The committed metadata is read from one RocksDB snapshot, taken under the allocator's lock together
+//! with its in-flight reservations and free list, so a live SR is checked as of one instant and writes in flight
+//! do not show as leaks.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -49,7 +50,20 @@ impl Engine {
         // One point-in-time view of everything: the high-water mark, the map, the free list and the counts are
         // changed together in batches, so read from one snapshot they agree even while I/O goes on (reading the
         // mark before iterating reported the entries of writes committed in between as beyond it).
-        let db = inner.db.snapshot();
+        //
+        // The allocator's view is captured under its lock at the same instant: reservations still in flight (their
+        // map entries not committed yet, possibly below a mark a later commit raised) and the free list in memory
+        // (which also holds fresh clusters given back by failed writes, free only in memory until reused). Commits
+        // do not take the allocator's lock, so a reservation settled after this was committed after the snapshot,
+        // or is mapped in it.
+        let (db, in_flight, mem_free) = {
+            let a = inner.alloc.lock();
+            (
+                inner.db.snapshot(),
+                a.in_flight().clone(),
+                a.free_set().clone(),
+            )
+        };
         let mut rep = CheckReport::default();
         let mut objects: HashMap<uuid::Uuid, ObjectRecord> = HashMap::new();
         let mut volumes: HashMap<u64, VolumeRecord> = HashMap::new();
@@ -198,9 +212,19 @@ impl Engine {
                 rep.problems
                     .push(format!("cluster {p} is both free and mapped by {who:?}"));
             }
+            if mem_free.contains(p) {
+                rep.problems.push(format!(
+                    "cluster {p} is mapped by {who:?} but the allocator would hand it out"
+                ));
+            }
         }
         let leaked = (0..high_water)
-            .filter(|p| !owner.contains_key(p) && !free.contains(p))
+            .filter(|p| {
+                !owner.contains_key(p)
+                    && !free.contains(p)
+                    && !in_flight.contains(p)
+                    && !mem_free.contains(p)
+            })
             .count();
         if leaked > 0 {
             rep.problems.push(format!(
@@ -259,16 +283,7 @@ impl Engine {
                 }
             }
         }
-        {
-            let a = inner.alloc.lock();
-            for &p in &free {
-                if !a.is_free(p) && p < a.high_water() {
-                    // Pending release (punch in progress) is fine; anything else is a mismatch.
-                    continue;
-                }
-            }
-            rep.free_clusters = a.free_len();
-        }
+        rep.free_clusters = mem_free.len() as u64;
         rep.objects = objects.len();
         Ok(rep)
     }

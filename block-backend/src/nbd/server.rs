@@ -694,6 +694,9 @@ impl NbdServer {
     }
 
     /// Serve one already-accepted connection (any byte stream: a socketpair, a TLS stream) until it ends.
+    ///
+    /// Generic, so the connection pipeline is compiled in the calling crate, at that crate's opt-level (see the
+    /// workspace `Cargo.toml`): the listeners use the non-generic paths instead, and so should a data-path caller.
     pub async fn serve_stream<S>(&self, stream: S, peer: String)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
