@@ -784,10 +784,9 @@ impl Volume {
         guards
     }
 
-    /// A read spanning several clusters: hold their stripes (in sorted order, so readers holding several cannot
-    /// deadlock; writers hold one stripe at a time), resolve every piece, and issue one I/O per physically
-    /// contiguous run — straight into the caller's buffer when a single run covers the whole request, the common
-    /// case for data written sequentially.
+    /// A read spanning several clusters: hold their stripes ([`Self::lock_shared`]), resolve every piece, and
+    /// issue one I/O per physically contiguous run — straight into the caller's buffer when a single run covers
+    /// the whole request, the common case for data written sequentially.
     async fn read_multi(&self, pieces: &[(u64, u64, u64, u64)], mut buf: IoBuf) -> BResult<IoBuf> {
         let cs = self.cs();
         let guards = self.lock_shared(pieces).await;
