@@ -139,6 +139,10 @@ pub struct NbdOptions {
     pub unix: Option<PathBuf>,
     /// TCP address; `None` = no TCP listener.
     pub tcp: Option<String>,
+    /// How many I/O threads serve NBD connections (each connection stays on one, with its own io_uring ring);
+    /// `None` = the server's default, half the cores up to four, since on a hyperconverged host the clients
+    /// (VMs, a loopback backup job) share the cores.
+    pub io_threads: Option<usize>,
 }
 
 /// The daemon's NBD front end: the server over [`HostExports`] and its listeners.
@@ -152,8 +156,11 @@ impl NbdFrontend {
     /// Start the server and bind its listeners. A listener that cannot bind fails the start (a daemon that
     /// silently does not serve NBD would be worse than one that says why).
     pub async fn start(host: Arc<Host>, opts: &NbdOptions) -> Result<Arc<NbdFrontend>> {
-        let server =
-            NbdServer::with_source(ServerConfig::default(), Arc::new(HostExports::new(host)));
+        let mut config = ServerConfig::default();
+        if let Some(n) = opts.io_threads {
+            config.io_threads = n;
+        }
+        let server = NbdServer::with_source(config, Arc::new(HostExports::new(host)));
         let mut unix = None;
         if let Some(path) = &opts.unix {
             if let Some(parent) = path.parent() {

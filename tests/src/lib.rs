@@ -205,6 +205,11 @@ pub struct Daemon {
 impl Daemon {
     /// Spawn `shale serve` on `state_dir` (socket `state_dir/s.sock`) without waiting for it.
     pub fn spawn(state_dir: &Path) -> Daemon {
+        Daemon::spawn_with(state_dir, &[])
+    }
+
+    /// [`Daemon::spawn`] with more `shale serve` flags (`--nbd-io-threads 3`).
+    pub fn spawn_with(state_dir: &Path, serve_args: &[&str]) -> Daemon {
         std::fs::create_dir_all(state_dir).expect("create state dir");
         let socket = state_dir.join("s.sock");
         let log = state_dir.with_extension(format!("log.{}", std::process::id()));
@@ -215,6 +220,7 @@ impl Daemon {
             .arg(&socket)
             // An ephemeral NBD port: tests run in parallel and a real daemon may own 10809.
             .args(["--nbd-listen", "127.0.0.1:0"])
+            .args(serve_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -231,7 +237,12 @@ impl Daemon {
 
     /// Start a daemon and wait until it answers (up to 60 s).
     pub fn start(state_dir: &Path) -> Daemon {
-        let mut d = Daemon::spawn(state_dir);
+        Daemon::start_with(state_dir, &[])
+    }
+
+    /// [`Daemon::start`] with more `shale serve` flags.
+    pub fn start_with(state_dir: &Path, serve_args: &[&str]) -> Daemon {
+        let mut d = Daemon::spawn_with(state_dir, serve_args);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

@@ -268,13 +268,16 @@ fn thin_vdi_round_trips_through_real_clients() {
     assert_eq!(v["allocated_bytes"], 2 << 20, "{v}");
 }
 
+/// `tools/fio/nbd-verify.fio` (six connections, crc32c verification) over TCP and the Unix socket. The daemon
+/// gets three NBD I/O threads (`--nbd-io-threads`), more than the default on a small CI host, so the connections
+/// spread over several threads and their rings.
 #[test]
 fn fio_verify_with_several_connections() {
     if !have("fio") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&tmp.path().join("state"));
+    let d = Daemon::start_with(&tmp.path().join("state"), &["--nbd-io-threads", "3"]);
     create_vdi(&d, "stress", "128M");
     let job = shale_tests::manifest_dir().join("../tools/fio/nbd-verify.fio");
     for uri in [tcp_uri(&d, "stress"), unix_uri(&d, "stress")] {
@@ -292,6 +295,15 @@ fn fio_verify_with_several_connections() {
         );
         assert!(stdout.contains("jobs=6"), "several connections: {stdout}");
     }
+    let io_threads = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .expect("daemon's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("shale-nbd-"))
+        .count();
+    assert_eq!(
+        io_threads, 3,
+        "--nbd-io-threads 3 started three I/O threads"
+    );
     d.stop();
 }
 

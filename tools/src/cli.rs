@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// Do not listen for NBD on TCP (Unix socket only).
     #[arg(long)]
     pub no_nbd_tcp: bool,
+
+    /// I/O threads serving NBD connections (default: half the cores, at most 4). Each connection stays on one
+    /// thread, with its own io_uring ring; 0 serves them on the daemon's shared runtime instead.
+    #[arg(long, value_name = "N")]
+    pub nbd_io_threads: Option<usize>,
 }
 
 /// `shale nbd ...`.
