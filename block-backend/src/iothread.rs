@@ -5,7 +5,8 @@
 //! reads, [`BlockDevice`](crate::BlockDevice) calls, the data I/O they issue through
 //! [`IoEngine`](crate::uring::IoEngine), reply writes — then runs on that thread, and the I/O goes through the
 //! thread's own ring ([`crate::local_ring`]) instead of the shared ring thread. Connections are spread over the
-//! threads round-robin; a host with N cores wants about N of them.
+//! threads round-robin; by default there is one thread per two cores ([`default_threads`]), since the clients
+//! share the host's cores.
 //!
 //! Why not tokio's multi-threaded runtime alone: its work stealing and the shared ring thread put three
 //! cross-thread wake-ups on every request, and on small virtualised hosts that latency, not CPU, bounded the
