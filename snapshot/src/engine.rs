@@ -154,6 +154,9 @@ pub(crate) struct Inner {
     pub file_end: AtomicU64,
     /// Serialises growing the data file.
     pub grow: tokio::sync::Mutex<()>,
+    /// RocksDB's sequence number before the last [`Inner::sync_wal`]: every batch up to it is durable. A FUA
+    /// write in place compares it with the latest to know whether the map entry it relies on may not be.
+    pub synced_seq: AtomicU64,
 }
 
 impl Inner {
@@ -196,7 +199,28 @@ impl Inner {
         }
     }
 
-    /// Write a batch, synced or not.
+    /// Make every batch written so far durable (sync the metadata WAL), on the blocking pool.
+    ///
+    /// Why not `write(batch, true)` on the data path: that fsyncs on the calling thread, and there the caller is
+    /// an I/O thread serving several connections (`shale_block::iothread`), every one of which would stall for the
+    /// fsync. A FUA write that changes the map commits unsynced and then awaits this.
+    pub async fn sync_wal(self: &Arc<Self>) -> Result<()> {
+        let seq = self.db.latest_sequence_number();
+        let inner = self.clone();
+        tokio::task::spawn_blocking(move || inner.db.flush_wal(true))
+            .await
+            .map_err(|e| EngineError::Io(std::io::Error::other(format!("WAL sync task: {e}"))))??;
+        self.synced_seq.fetch_max(seq, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Whether a batch was written after the last [`Inner::sync_wal`] (it may not be durable yet).
+    pub fn wal_unsynced(&self) -> bool {
+        self.db.latest_sequence_number() > self.synced_seq.load(Ordering::Acquire)
+    }
+
+    /// Write a batch, synced or not. Synced, it blocks the calling thread for an fsync: data-path callers use
+    /// [`Inner::sync_wal`] instead.
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
@@ -513,6 +537,7 @@ impl Engine {
             snap_clock: AtomicU64::new(0),
             carry: Default::default(),
             metadata_reads: AtomicU64::new(0),
+            synced_seq: AtomicU64::new(0),
         });
         let engine = Engine { inner };
         engine.start_gc_task();

@@ -47,10 +47,9 @@ pub(crate) async fn flush(inner: &Arc<Inner>) -> std::result::Result<(), BlockEr
     // Deferred sub-cluster widenings of writes acknowledged so far, after their data is on disk.
     crate::dirty::commit_all(inner)
         .map_err(|e| BlockError::Other(format!("committing sub-cluster metadata: {e}")))?;
-    let i = inner.clone();
-    tokio::task::spawn_blocking(move || i.db.flush_wal(true))
+    inner
+        .sync_wal()
         .await
-        .map_err(|e| BlockError::Other(format!("flush task: {e}")))?
         .map_err(|e| BlockError::Other(format!("metadata WAL sync: {e}")))?;
     if !ready.is_empty() {
         inner.alloc.lock().forget_pending(ready.len() as u64);

@@ -39,7 +39,9 @@
 //! the NBD thread); with padding (this design) 33.4k / 18.3k.
 //!
 //! Durability: a write is durable after `flush` (fdatasync of the data file, then RocksDB WAL sync) or at once
-//! with FUA (RWF_DSYNC data write, synced batch).
+//! with FUA: an RWF_DSYNC data write, then, if the write changed the map or relies on an entry committed since the
+//! last WAL sync, a WAL sync. Map changes are always written unsynced and a FUA write then awaits
+//! `Inner::sync_wal` on the blocking pool, so the fsync never stalls the I/O thread's other connections.
 //!
 //! Locking: each (volume, cluster) hashes to a lock stripe. Reads and in-place writes hold it shared; redirects,
 //! discards and zeroing hold it exclusive, so a cluster is never freed or replaced under a reader. Exclusive
@@ -999,7 +1001,8 @@ impl Volume {
         keys::put_map(&mut b, &key, res.pcluster, mask);
         b.merge(keys::count(self.vol.id, epoch), keys::delta(1));
         res.commit_into(&mut b);
-        let committed = self.inner.write(b, fua);
+        // Unsynced even for FUA: the WAL sync below does not hold up this thread's other connections.
+        let committed = self.inner.write(b, false);
         self.inner.alloc.lock().settle(res);
         if let Err(e) = committed {
             crate::gc::release_clusters(&self.inner, vec![res.pcluster]).await;
@@ -1023,6 +1026,9 @@ impl Volume {
             });
         });
         self.vol.add_count(epoch, 1);
+        if fua {
+            self.inner.sync_wal().await?;
+        }
         Ok(())
     }
 
@@ -1089,7 +1095,7 @@ impl Volume {
             }
             _ => None,
         };
-        self.commit_entry_change(b, c, loc.epoch, fua)?;
+        self.commit_entry_change(b, c, loc.epoch)?;
         cache_set_mask(&self.inner, self.vol.id, c, loc.epoch, mask);
         if let Some(base) = freed {
             // Lookups that found the freed entry would now find what is older: forget them.
@@ -1101,15 +1107,18 @@ impl Volume {
             self.vol.add_count(base.epoch, -1);
             crate::gc::defer_release(&self.inner, &[base.pcluster]);
         }
+        if fua {
+            self.inner.sync_wal().await?;
+        }
         Ok(())
     }
 
     /// Write a batch that changes the head's entry (vol, c, epoch), dropping any pending widening of it under the
-    /// commit guard (see [`crate::dirty`]).
-    fn commit_entry_change(&self, b: WriteBatch, c: u64, epoch: u64, sync: bool) -> EResult<()> {
+    /// commit guard (see [`crate::dirty`]). Unsynced: a FUA caller then awaits [`Inner::sync_wal`].
+    fn commit_entry_change(&self, b: WriteBatch, c: u64, epoch: u64) -> EResult<()> {
         self.inner
             .dirty
-            .write_changing(&self.inner, b, sync, [(self.vol.id, c, epoch)])
+            .write_changing(&self.inner, b, false, [(self.vol.id, c, epoch)])
     }
 
     /// Whether `base`, the entry beneath the head-owned partial entry `top`, is an entry of this volume that no
@@ -1135,17 +1144,25 @@ impl Volume {
         self.inner.gc_wake.notify_one();
     }
 
+    /// Write into a cluster the head owns. FUA makes the data durable, but the map entry that points at the
+    /// cluster may have been committed unsynced (by an earlier, non-FUA write that allocated it): then the WAL is
+    /// synced too, or a crash could lose the entry and with it this acknowledged write.
     async fn write_in_place(&self, p: u64, in_off: u64, data: IoBuf, fua: bool) -> BResult<()> {
         let (r, _) = self
             .inner
             .io
             .write_at(&self.inner.data, p * self.cs() + in_off, data, fua)
             .await;
-        r.map_err(BlockError::from_io)
+        r.map_err(BlockError::from_io)?;
+        if fua && self.inner.wal_unsynced() {
+            self.inner.sync_wal().await?;
+        }
+        Ok(())
     }
 
-    /// Make a whole cluster of the head read as zeroes, freeing it if the head owned it.
-    async fn zero_cluster(&self, c: u64, fua: bool) -> BResult<()> {
+    /// Make a whole cluster of the head read as zeroes, freeing it if the head owned it. The commit is not synced:
+    /// a FUA caller syncs once for all its clusters ([`Volume::zero_range`]).
+    async fn zero_cluster(&self, c: u64) -> BResult<()> {
         let _g = self.inner.stripe(self.vol.id, c).write().await;
         let epoch = self.vol.epoch();
         let own = lookup_own(&self.inner, self.vol.id, c, epoch)?;
@@ -1194,8 +1211,8 @@ impl Volume {
             }
         }
         match own {
-            Some(loc) => self.commit_entry_change(b, c, loc.epoch, fua)?,
-            None => self.inner.write(b, fua)?,
+            Some(loc) => self.commit_entry_change(b, c, loc.epoch)?,
+            None => self.inner.write(b, false)?,
         }
         invalidate(&self.inner, self.vol.id, c);
         if let Some((p, e, collect)) = freed {
@@ -1232,9 +1249,10 @@ impl Volume {
     async fn zero_range(&self, offset: u64, len: u64, fua: bool) -> BResult<()> {
         let cs = self.cs();
         let pieces = self.pieces(offset, len);
+        let whole = pieces.iter().any(|&(_, _, n, _)| n == cs);
         try_join_all(pieces.into_iter().map(|(c, in_off, n, _)| async move {
             if n == cs {
-                self.zero_cluster(c, fua).await
+                self.zero_cluster(c).await
             } else {
                 let epoch = self.vol.epoch();
                 let has_data = {
@@ -1251,6 +1269,10 @@ impl Volume {
             }
         }))
         .await?;
+        // One WAL sync for all the whole clusters' commits (not one fsync per cluster).
+        if fua && whole {
+            self.inner.sync_wal().await?;
+        }
         Ok(())
     }
 
@@ -1406,6 +1428,65 @@ impl BlockDevice for Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every FUA write that changes the map (an allocation, a redirect after a snapshot, a widened partial entry,
+    /// zeroed clusters) returns with its metadata synced, and so does a FUA write in place into a cluster whose
+    /// entry an earlier non-FUA write committed unsynced; those commits run unsynced and then await
+    /// `Inner::sync_wal` off the I/O thread. A non-FUA write leaves its commit unsynced.
+    #[tokio::test]
+    async fn fua_writes_return_with_their_map_entries_synced() {
+        use crate::engine::{Engine, SrConfig};
+        let cs = 65536u64;
+        let t = tempfile::tempdir().expect("tempdir");
+        let io = shale_block::uring::IoEngine::new(Default::default()).expect("io engine");
+        let cfg = SrConfig {
+            cluster_size: cs as u32,
+            capacity: None,
+        };
+        let e = Engine::create(&t.path().join("sr"), cfg, io).expect("sr");
+        let v = e.create_vdi("v", 16 * cs).await.expect("vdi");
+        let vol = e.open_volume(v.uuid).expect("volume");
+        let inner = e.inner.clone();
+        let write = |off: u64, fua: bool| {
+            let flags = if fua {
+                WriteFlags::FUA
+            } else {
+                WriteFlags::default()
+            };
+            vol.write(off, IoBuf::from_slice(&[7u8; 4096]), flags)
+        };
+        let steps: [(&str, u64, bool); 6] = [
+            ("allocating, not FUA", 0, false),
+            ("FUA in place over that unsynced entry", 4096, true),
+            ("allocating, FUA", cs, true),
+            ("allocating, not FUA, again", 2 * cs, false),
+            ("FUA in place after the snapshot below", 3 * cs, true),
+            ("FUA redirect after the snapshot", 0, true),
+        ];
+        for (i, (what, off, fua)) in steps.into_iter().enumerate() {
+            if i == 4 {
+                write(3 * cs, false).await.expect("allocate cluster 3");
+                e.snapshot(v.uuid, "s").await.expect("snapshot");
+                write(3 * cs, false)
+                    .await
+                    .expect("redirect cluster 3, not FUA");
+                assert!(inner.wal_unsynced(), "the redirect's entry is unsynced");
+            }
+            write(off, fua).await.expect(what);
+            assert_eq!(inner.wal_unsynced(), !fua, "{what}");
+        }
+        // Widening the redirected (partial) entry of cluster 0 with FUA.
+        write(8192, true).await.expect("FUA widening");
+        assert!(!inner.wal_unsynced(), "FUA widening");
+        // Zeroing whole clusters with FUA: one sync for all of them.
+        write(5 * cs, false).await.expect("allocate cluster 5");
+        vol.write_zeroes(4 * cs, 4 * cs, false, WriteFlags::FUA)
+            .await
+            .expect("FUA zeroes");
+        assert!(!inner.wal_unsynced(), "FUA zeroing");
+        let back = vol.read(5 * cs, IoBuf::zeroed(4096)).await.expect("read");
+        assert!(back.iter().all(|&b| b == 0), "zeroed");
+    }
 
     #[test]
     fn sub_cluster_masks() {
