@@ -157,6 +157,8 @@ pub(crate) struct Inner {
     /// RocksDB's sequence number before the last [`Inner::sync_wal`]: every batch up to it is durable. A FUA
     /// write in place compares it with the latest to know whether the map entry it relies on may not be.
     pub synced_seq: AtomicU64,
+    /// Serialises [`Inner::sync_wal`] (its group commit).
+    pub sync_lock: tokio::sync::Mutex<()>,
 }
 
 impl Inner {
@@ -204,7 +206,15 @@ impl Inner {
     /// Why not `write(batch, true)` on the data path: that fsyncs on the calling thread, and there the caller is
     /// an I/O thread serving several connections (`shale_block::iothread`), every one of which would stall for the
     /// fsync. A FUA write that changes the map commits unsynced and then awaits this.
+    ///
+    /// Group commit: syncs run one at a time, and a caller that waited for the running one returns without
+    /// syncing again if that sync covered its batch, so concurrent FUA writes share fsyncs.
     pub async fn sync_wal(self: &Arc<Self>) -> Result<()> {
+        let mine = self.db.latest_sequence_number();
+        let _one_at_a_time = self.sync_lock.lock().await;
+        if self.synced_seq.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
         let seq = self.db.latest_sequence_number();
         let inner = self.clone();
         tokio::task::spawn_blocking(move || inner.db.flush_wal(true))
@@ -538,6 +548,7 @@ impl Engine {
             carry: Default::default(),
             metadata_reads: AtomicU64::new(0),
             synced_seq: AtomicU64::new(0),
+            sync_lock: tokio::sync::Mutex::new(()),
         });
         let engine = Engine { inner };
         engine.start_gc_task();

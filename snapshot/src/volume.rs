@@ -1486,6 +1486,13 @@ mod tests {
         assert!(!inner.wal_unsynced(), "FUA zeroing");
         let back = vol.read(5 * cs, IoBuf::zeroed(4096)).await.expect("read");
         assert!(back.iter().all(|&b| b == 0), "zeroed");
+        // Concurrent allocating FUA writes share syncs (group commit): none returns before a sync that began
+        // after its commit, so once all have returned nothing is unsynced.
+        let writes = (8..16u64).map(|c| write(c * cs, true));
+        for r in futures::future::join_all(writes).await {
+            r.expect("concurrent FUA write");
+        }
+        assert!(!inner.wal_unsynced(), "concurrent FUA writes");
     }
 
     #[test]
