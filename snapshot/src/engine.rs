@@ -298,8 +298,8 @@ fn db_options(create: bool) -> Options {
     o.set_max_log_file_size(8 << 20);
     // Map commits stay in RocksDB's WAL buffer until `flush` (FlushWAL + sync), like qcow2 keeping metadata
     // updates in memory until flush: an unflushed write may be lost in a crash, a flushed one never is. Synced
-    // writes (control operations, FUA, GC) flush the buffer too, and the log is a prefix: nothing later survives
-    // without everything before it.
+    // writes (control operations, GC) and FUA writes' `Inner::sync_wal` flush the buffer too, and the log is a
+    // prefix: nothing later survives without everything before it.
     o.set_manual_wal_flush(true);
     o
 }
