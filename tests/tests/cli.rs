@@ -362,6 +362,11 @@ fn lifecycle_through_the_daemon() {
     ]);
     bad_unit.fails_with(&["unknown unit"]);
     assert_eq!(bad_unit.code, 2, "usage errors exit 2");
+    for bad in ["65", "two"] {
+        let serve = d.shale(["serve", "--nbd-io-threads", bad]);
+        serve.fails_with(&["--nbd-io-threads"]);
+        assert_eq!(serve.code, 2, "usage errors exit 2");
+    }
     d.shale(["vdi", "resize", "disk", "1001"])
         .fails_with(&["multiple of 512"])
         .one_line_error();

@@ -67,10 +67,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_nbd_tcp: bool,
 
-    /// I/O threads serving NBD connections (default: half the cores, at most 4). Each connection stays on one
-    /// thread, with its own io_uring ring; 0 serves them on the daemon's shared runtime instead.
-    #[arg(long, value_name = "N")]
-    pub nbd_io_threads: Option<usize>,
+    /// I/O threads serving NBD connections, 0-64 (default: half the cores, at most 4). Each connection stays on
+    /// one thread, with its own io_uring ring; 0 serves them on the daemon's shared runtime instead.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub nbd_io_threads: Option<u16>,
 }
 
 /// `shale nbd ...`.

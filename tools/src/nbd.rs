@@ -24,7 +24,7 @@ pub fn serve_options(args: &ServeArgs, state_dir: &Path) -> NbdOptions {
                 .unwrap_or_else(|| state_dir.join(NBD_SOCKET_NAME)),
         ),
         tcp: (!args.no_nbd_tcp).then(|| args.nbd_listen.clone()),
-        io_threads: args.nbd_io_threads,
+        io_threads: args.nbd_io_threads.map(usize::from),
     }
 }
 
