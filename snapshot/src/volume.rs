@@ -667,7 +667,7 @@ impl Volume {
                 buf.as_mut_slice().fill(0);
                 Ok(buf)
             }
-            _ => self.read_layers(&layers, in_off, buf).await,
+            _ => Box::pin(self.read_layers(&layers, in_off, buf)).await,
         }
     }
 
@@ -920,9 +920,26 @@ impl Volume {
                 if loc.is_full() || loc.mask & need == need && !fua {
                     return self.write_in_place(loc.pcluster, in_off, data, fua).await;
                 }
-                return self.extend_partial(c, loc, in_off, data, need, fua).await;
+                return Box::pin(self.extend_partial(c, loc, in_off, data, need, fua)).await;
             }
         }
+        // Boxed: the redirect's state is large, and a future that embedded it would make every in-place write's
+        // future (allocated and moved per request) that much larger.
+        Box::pin(self.redirect(c, in_off, data, need, fua, epoch)).await
+    }
+
+    /// The redirect-on-write of [`Volume::write_piece`]: a head write to a cluster the head does not own. Caller
+    /// holds the cluster's stripe exclusively.
+    async fn redirect(
+        &self,
+        c: u64,
+        in_off: u64,
+        data: IoBuf,
+        need: u32,
+        fua: bool,
+        epoch: u64,
+    ) -> BResult<()> {
+        let cs = self.cs();
         // Redirect on write into a fresh cluster. What is beneath decides how much is copied up:
         // - nothing (or zeroes): only the new bytes (a fresh cluster reads as zeroes, see `alloc`);
         // - one full entry: nothing, the new entry is *partial* and holds just the sub-clusters written (rounded
@@ -1319,7 +1336,7 @@ impl BlockDevice for Volume {
             let (c, in_off, _, _) = pieces[0];
             return self.read_piece(c, in_off, buf).await;
         }
-        self.read_multi(&pieces, buf).await
+        Box::pin(self.read_multi(&pieces, buf)).await
     }
 
     async fn write(&self, offset: u64, data: IoBuf, flags: WriteFlags) -> BResult<()> {
@@ -1335,15 +1352,19 @@ impl BlockDevice for Volume {
             let (c, in_off, _, _) = pieces[0];
             return self.write_piece(c, in_off, data, flags.fua).await;
         }
-        let Some(data) = self.write_run(&pieces, data, flags.fua).await? else {
-            return Ok(());
-        };
-        try_join_all(pieces.iter().map(|&(c, in_off, n, at)| {
-            let part = IoBuf::from_slice(&data[at as usize..(at + n) as usize]);
-            self.write_piece(c, in_off, part, flags.fua)
-        }))
-        .await?;
-        Ok(())
+        // Boxed for the same reason as the redirect: single-cluster writes should not carry its state.
+        Box::pin(async {
+            let Some(data) = self.write_run(&pieces, data, flags.fua).await? else {
+                return Ok(());
+            };
+            try_join_all(pieces.iter().map(|&(c, in_off, n, at)| {
+                let part = IoBuf::from_slice(&data[at as usize..(at + n) as usize]);
+                self.write_piece(c, in_off, part, flags.fua)
+            }))
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn flush(&self) -> BResult<()> {
