@@ -14,7 +14,9 @@
 //! and recovery after an unclean shutdown punches the whole free list. The data path relies on it to write only
 //! the bytes of a partial write into a fresh cluster.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashSet;
 
 use rocksdb::WriteBatch;
 
@@ -57,8 +59,9 @@ pub struct Allocator {
     /// Clusters committed free but not yet punched/released.
     pending: u64,
     /// Reservations handed out and not yet settled (committed, or given back): `sr check` on a live SR must not
-    /// count them as leaks, since the map entries that will own them are not committed yet.
-    in_flight: HashSet<u64>,
+    /// count them as leaks, since the map entries that will own them are not committed yet. FxHash: every
+    /// allocating write inserts and removes here under the allocator's lock.
+    in_flight: FxHashSet<u64>,
 }
 
 impl Allocator {
@@ -69,7 +72,7 @@ impl Allocator {
             high_water,
             limit,
             pending: 0,
-            in_flight: HashSet::new(),
+            in_flight: FxHashSet::default(),
         }
     }
 
@@ -104,7 +107,7 @@ impl Allocator {
     }
 
     /// Clusters reserved and not yet settled or given back.
-    pub fn in_flight(&self) -> &HashSet<u64> {
+    pub fn in_flight(&self) -> &FxHashSet<u64> {
         &self.in_flight
     }
 
