@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::alloc::Allocator;
 use crate::error::{EngineError, Result};
+use crate::headmap::HeadMap;
 use crate::keys;
 use crate::records::{
     self, ObjectKind, ObjectRecord, ParentRef, SuperBlock, VolumeRecord, FORMAT_VERSION,
@@ -482,6 +483,7 @@ impl Engine {
                 counts: Mutex::new(counts.remove(&v.id).unwrap_or_default()),
                 barrier: tokio::sync::RwLock::new(()),
                 head_closed: AtomicBool::new(v.head.is_none()),
+                headmap: HeadMap::new(head_size.div_ceil(cs)),
             };
             st.volumes.insert(v.id, Arc::new(vs));
         }
@@ -819,6 +821,7 @@ impl Engine {
             counts: Mutex::new(Default::default()),
             barrier: tokio::sync::RwLock::new(()),
             head_closed: AtomicBool::new(false),
+            headmap: HeadMap::new(head_size.div_ceil(self.inner.cs)),
         }))
     }
 

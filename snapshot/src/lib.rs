@@ -25,6 +25,7 @@ pub(crate) mod dirty;
 pub mod engine;
 pub mod error;
 pub mod gc;
+pub(crate) mod headmap;
 pub mod keys;
 pub mod records;
 pub mod state;

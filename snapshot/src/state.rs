@@ -11,6 +11,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use uuid::Uuid;
 
+use crate::headmap::HeadMap;
 use crate::records::{ObjectRecord, ParentRef};
 
 /// Runtime state of one volume.
@@ -36,6 +37,9 @@ pub struct VolState {
     pub barrier: tokio::sync::RwLock<()>,
     /// Set when the head is gone (destroyed or reverted away); head handles then fail with `Shutdown`.
     pub head_closed: AtomicBool,
+    /// Each cluster's newest entry when it is full: the head's lock-free fast path in front of the lookup
+    /// cache (see [`crate::headmap`]).
+    pub(crate) headmap: HeadMap,
 }
 
 impl VolState {

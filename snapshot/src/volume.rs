@@ -200,6 +200,9 @@ const CACHE_SHARD_CAP: usize = 1024;
 
 /// Read one map entry: the newest entry for (vol, cluster) at or below `epoch`, in this volume only.
 ///
+/// Answered first from the volume's head table ([`crate::headmap`]: each cluster's newest entry when it is full,
+/// one lock-free load), then from the lookup cache, then from RocksDB.
+///
 /// Cached: a RocksDB iterator per lookup costs several microseconds, a cache hit a hash probe. Correctness rests
 /// on two rules. The caller holds the stripe lock of (vol, cluster) (or of the clone whose parent view this is:
 /// entries visible at a frozen view never change), so a fill cannot interleave with a change of the map; and
@@ -218,14 +221,24 @@ const CACHE_SHARD_CAP: usize = 1024;
 /// one, under 4 KiB random writes).
 pub(crate) fn lookup_own(
     inner: &Inner,
-    vol: u64,
+    vs: &VolState,
     cluster: u64,
     epoch: u64,
 ) -> EResult<Option<Loc>> {
+    let vol = vs.id;
+    if let Some(l) = vs.headmap.get(vol, cluster, epoch) {
+        return Ok(Some(l));
+    }
     let shard = &inner.cache[Inner::shard(vol, cluster)];
     loop {
         let (r, generation) = lookup_stored(inner, vol, cluster, epoch)?;
         let Some(mut l) = r.filter(|l| !l.is_full()) else {
+            // A head lookup (at the current epoch, under the stripe) found the newest entry: table it.
+            if let Some(l) = &r {
+                if epoch == vs.epoch() && !vs.head_closed.load(Ordering::Acquire) {
+                    vs.headmap.fill(cluster, l);
+                }
+            }
             return Ok(r);
         };
         // A partial entry's mask may have been widened by writes whose metadata is not committed yet (`dirty`).
@@ -301,8 +314,11 @@ fn push_cached(v: &mut CachedLookups, c: Cached) {
     v.push(c);
 }
 
-/// Forget cached lookups of (vol, cluster); called under its exclusive stripe lock after changing its entries.
-pub(crate) fn invalidate(inner: &Inner, vol: u64, cluster: u64) {
+/// Forget cached lookups of (vol, cluster) and its head-table slot; called under its exclusive stripe lock after
+/// changing its entries.
+pub(crate) fn invalidate(inner: &Inner, vs: &VolState, cluster: u64) {
+    let vol = vs.id;
+    vs.headmap.clear(cluster);
     let mut shard = inner.cache[Inner::shard(vol, cluster)].lock();
     shard.generation += 1;
     shard.map.remove(&(vol, cluster));
@@ -312,12 +328,15 @@ pub(crate) fn invalidate(inner: &Inner, vol: u64, cluster: u64) {
 /// [`invalidate`], under the cluster's exclusive stripe lock after the change is committed. Keeping the cache warm
 /// matters on the write paths that change an entry on every request (sub-cluster writes after a snapshot):
 /// invalidating there turned each following request into two RocksDB seeks.
+/// The cluster's head-table slot is cleared (the next head lookup fills it from the edited cache).
 pub(crate) fn cache_edit(
     inner: &Inner,
-    vol: u64,
+    vs: &VolState,
     cluster: u64,
     edit: impl FnOnce(&mut CachedLookups),
 ) {
+    let vol = vs.id;
+    vs.headmap.clear(cluster);
     let mut shard = inner.cache[Inner::shard(vol, cluster)].lock();
     shard.generation += 1;
     if let Some(v) = shard.map.get_mut(&(vol, cluster)) {
@@ -326,14 +345,18 @@ pub(crate) fn cache_edit(
 }
 
 /// Set the mask of cached lookups that found the entry (vol, cluster, epoch), after a commit changed it.
+/// The entry is partial (or was until this commit), so the head table, which holds only full newest entries,
+/// has nothing to clear (see [`crate::headmap`]).
 pub(crate) fn cache_set_mask(inner: &Inner, vol: u64, cluster: u64, epoch: u64, mask: u32) {
-    cache_edit(inner, vol, cluster, |v| {
+    let mut shard = inner.cache[Inner::shard(vol, cluster)].lock();
+    shard.generation += 1;
+    if let Some(v) = shard.map.get_mut(&(vol, cluster)) {
         for c in v.iter_mut() {
             if let Some(l) = c.found.as_mut().filter(|l| l.epoch == epoch) {
                 l.mask = mask;
             }
         }
-    });
+    }
 }
 
 fn lookup_own_db(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<Option<Loc>> {
@@ -386,7 +409,7 @@ fn resolve_from(
     loop {
         // Epochs start at 1: a lookup at epoch 0 finds nothing and falls through to the parent.
         if e > 0 {
-            if let Some(loc) = lookup_own(inner, v.id, cluster, e)? {
+            if let Some(loc) = lookup_own(inner, &v, cluster, e)? {
                 return Ok(Some((loc, v)));
             }
         }
@@ -449,7 +472,7 @@ pub(crate) async fn fold_partial(
         return Ok(false);
     }
     let epoch = vs.epoch();
-    let Some(top) = lookup_own(inner, vs.id, cluster, epoch)? else {
+    let Some(top) = lookup_own(inner, vs, cluster, epoch)? else {
         return Ok(false);
     };
     if top.is_full() || !vs.head_owns(top.epoch, epoch) {
@@ -555,7 +578,7 @@ async fn commit_freeing(
     inner
         .dirty
         .write_changing(inner, b, true, [(vs.id, cluster, changed)])?;
-    invalidate(inner, vs.id, cluster);
+    invalidate(inner, vs, cluster);
     vs.add_count(freed.epoch, -1);
     inner.reclaimed.fetch_add(cs, Ordering::Relaxed);
     crate::gc::release_clusters(inner, vec![freed.pcluster]).await;
@@ -872,7 +895,7 @@ impl Volume {
         let epoch = self.vol.epoch();
         let mut first = None;
         for (k, &(c, ..)) in pieces.iter().enumerate() {
-            let run = match lookup_own(&self.inner, self.vol.id, c, epoch)? {
+            let run = match lookup_own(&self.inner, &self.vol, c, epoch)? {
                 Some(loc)
                     if loc.is_full()
                         && loc.pcluster != ZERO_CLUSTER
@@ -903,7 +926,7 @@ impl Volume {
         let need = sub_mask(cs, in_off, data.len() as u64);
         {
             let _g = stripe.read().await;
-            if let Some(loc) = lookup_own(&self.inner, self.vol.id, c, epoch)? {
+            if let Some(loc) = lookup_own(&self.inner, &self.vol, c, epoch)? {
                 // FUA on a partial entry takes the exclusive path: its mask may still be pending.
                 if loc.pcluster != ZERO_CLUSTER
                     && (loc.is_full() || loc.mask & need == need && !fua)
@@ -914,7 +937,7 @@ impl Volume {
             }
         }
         let _g = stripe.write().await;
-        let own = lookup_own(&self.inner, self.vol.id, c, epoch)?;
+        let own = lookup_own(&self.inner, &self.vol, c, epoch)?;
         if let Some(loc) = own {
             if loc.pcluster != ZERO_CLUSTER && self.vol.head_owns(loc.epoch, epoch) {
                 if loc.is_full() || loc.mask & need == need && !fua {
@@ -1034,7 +1057,7 @@ impl Volume {
             mask,
         };
         let stamp = self.inner.snap_clock.load(Ordering::SeqCst);
-        cache_edit(&self.inner, self.vol.id, c, |v| {
+        cache_edit(&self.inner, &self.vol, c, |v| {
             v.retain(|c| c.epoch < epoch);
             v.push(Cached {
                 epoch,
@@ -1113,10 +1136,11 @@ impl Volume {
             _ => None,
         };
         self.commit_entry_change(b, c, loc.epoch)?;
+        self.vol.headmap.clear(c);
         cache_set_mask(&self.inner, self.vol.id, c, loc.epoch, mask);
         if let Some(base) = freed {
             // Lookups that found the freed entry would now find what is older: forget them.
-            cache_edit(&self.inner, self.vol.id, c, |v| {
+            cache_edit(&self.inner, &self.vol, c, |v| {
                 v.retain(|c| c.found.is_none_or(|l| l.epoch != base.epoch))
             });
         }
@@ -1182,7 +1206,7 @@ impl Volume {
     async fn zero_cluster(&self, c: u64) -> BResult<()> {
         let _g = self.inner.stripe(self.vol.id, c).write().await;
         let epoch = self.vol.epoch();
-        let own = lookup_own(&self.inner, self.vol.id, c, epoch)?;
+        let own = lookup_own(&self.inner, &self.vol, c, epoch)?;
         let mut b = WriteBatch::default();
         let mut freed = None;
         match own {
@@ -1231,7 +1255,7 @@ impl Volume {
             Some(loc) => self.commit_entry_change(b, c, loc.epoch)?,
             None => self.inner.write(b, false)?,
         }
-        invalidate(&self.inner, self.vol.id, c);
+        invalidate(&self.inner, &self.vol, c);
         if let Some((p, e, collect)) = freed {
             self.vol.add_count(e, -1);
             crate::gc::defer_release(&self.inner, &[p]);

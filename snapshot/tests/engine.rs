@@ -318,6 +318,79 @@ async fn snapshots_keep_the_head_lookup_cache_warm() {
     assert!(e.check().unwrap().ok());
 }
 
+/// The head table (`snapshot/src/headmap.rs`) answers head lookups without the lookup cache: every read below
+/// first fills it (a read of a full entry at the head's epoch), then the cluster changes, and the next read must
+/// see the change, while older views keep reading what they saw.
+#[tokio::test]
+async fn head_table_follows_discards_rewrites_and_snapshots() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("v", 4 * CS).await.unwrap();
+    let vol = e.open_volume(v.uuid).unwrap();
+    let read = |vol: std::sync::Arc<shale_snapshot::volume::Volume>| async move {
+        vol.read(0, IoBuf::zeroed(CS as usize))
+            .await
+            .unwrap()
+            .to_vec()
+    };
+    let whole = |seed| pattern(CS as usize, seed);
+    // A head-owned cluster, tabled, then discarded (nothing beneath: its entry is deleted).
+    vol.write(0, whole(1), WriteFlags::default()).await.unwrap();
+    assert!(read(vol.clone()).await == whole(1).to_vec(), "written");
+    vol.discard(0, CS).await.unwrap();
+    assert!(read(vol.clone()).await.iter().all(|&b| b == 0), "discarded");
+    // Written again, tabled, snapshotted, then rewritten (redirect) and zeroed (a zero entry over the snapshot's).
+    vol.write(0, whole(2), WriteFlags::default()).await.unwrap();
+    assert!(read(vol.clone()).await == whole(2).to_vec(), "rewritten");
+    let s1 = e.snapshot(v.uuid, "s1").await.unwrap();
+    let snap1 = e.open_volume(s1.uuid).unwrap();
+    assert!(read(snap1.clone()).await == whole(2).to_vec(), "snapshot");
+    vol.write(0, whole(3), WriteFlags::default()).await.unwrap();
+    assert!(read(vol.clone()).await == whole(3).to_vec(), "redirected");
+    assert_eq!(
+        read(snap1.clone()).await,
+        whole(2).to_vec(),
+        "snapshot after the head's rewrite"
+    );
+    let s2 = e.snapshot(v.uuid, "s2").await.unwrap();
+    vol.write_zeroes(0, CS, false, WriteFlags::default())
+        .await
+        .unwrap();
+    assert!(
+        read(vol.clone()).await.iter().all(|&b| b == 0),
+        "zeroed head"
+    );
+    // A clone reads through the parent's views while the parent's head has newer (tabled) entries.
+    let c2 = e.clone_snapshot(s2.uuid, "c2").await.unwrap();
+    let clone = e.open_volume(c2.uuid).unwrap();
+    assert!(
+        read(clone.clone()).await == whole(3).to_vec(),
+        "clone of s2"
+    );
+    assert!(read(snap1.clone()).await == whole(2).to_vec(), "s1 still");
+    // Partial rewrite after another snapshot: the head reads the new 4 KiB over the old rest.
+    vol.write(0, whole(4), WriteFlags::default()).await.unwrap();
+    assert!(read(vol.clone()).await == whole(4).to_vec(), "after zeroes");
+    let _s3 = e.snapshot(v.uuid, "s3").await.unwrap();
+    vol.write(4096, pattern(4096, 5), WriteFlags::default())
+        .await
+        .unwrap();
+    let mut want = whole(4).to_vec();
+    want[4096..8192].copy_from_slice(&pattern(4096, 5));
+    assert!(read(vol.clone()).await == want, "partial over full");
+    assert_eq!(
+        read(clone.clone()).await,
+        whole(3).to_vec(),
+        "clone unchanged"
+    );
+    // Destroying a snapshot and collecting garbage leaves the tabled head entries right.
+    drop(snap1);
+    e.destroy(s1.uuid).await.unwrap();
+    e.gc_now().await.unwrap();
+    assert!(read(vol.clone()).await == want, "after GC");
+    assert!(e.check().unwrap().ok());
+}
+
 #[tokio::test]
 async fn snapshot_with_clones_is_hidden_until_they_go() {
     let t = tempfile::tempdir().unwrap();
