@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::alloc::Allocator;
 use crate::error::{EngineError, Result};
-use crate::headmap::HeadMap;
+use crate::headmap::{Budget, HeadMap};
 use crate::keys;
 use crate::records::{
     self, ObjectKind, ObjectRecord, ParentRef, SuperBlock, VolumeRecord, FORMAT_VERSION,
@@ -160,6 +160,8 @@ pub(crate) struct Inner {
     pub synced_seq: AtomicU64,
     /// Serialises [`Inner::sync_wal`] (its group commit).
     pub sync_lock: tokio::sync::Mutex<()>,
+    /// Memory the volumes' head tables may still take ([`crate::headmap`]).
+    pub(crate) headmap_budget: Arc<Budget>,
 }
 
 impl Inner {
@@ -428,6 +430,7 @@ impl Engine {
         let cs = u64::from(sb.cluster_size);
 
         let mut st = State::default();
+        let budget = Arc::new(Budget::new(crate::headmap::DEFAULT_BUDGET));
         for r in prefix_scan(&db, keys::prefix::OBJECT) {
             let (_, v) = r?;
             let o: ObjectRecord = records::decode("object", &v)?;
@@ -483,7 +486,7 @@ impl Engine {
                 counts: Mutex::new(counts.remove(&v.id).unwrap_or_default()),
                 barrier: tokio::sync::RwLock::new(()),
                 head_closed: AtomicBool::new(v.head.is_none()),
-                headmap: HeadMap::new(head_size.div_ceil(cs)),
+                headmap: HeadMap::new(head_size.div_ceil(cs), budget.clone()),
             };
             st.volumes.insert(v.id, Arc::new(vs));
         }
@@ -551,6 +554,7 @@ impl Engine {
             metadata_reads: AtomicU64::new(0),
             synced_seq: AtomicU64::new(0),
             sync_lock: tokio::sync::Mutex::new(()),
+            headmap_budget: budget,
         });
         let engine = Engine { inner };
         engine.start_gc_task();
@@ -821,7 +825,10 @@ impl Engine {
             counts: Mutex::new(Default::default()),
             barrier: tokio::sync::RwLock::new(()),
             head_closed: AtomicBool::new(false),
-            headmap: HeadMap::new(head_size.div_ceil(self.inner.cs)),
+            headmap: HeadMap::new(
+                head_size.div_ceil(self.inner.cs),
+                self.inner.headmap_budget.clone(),
+            ),
         }))
     }
 

@@ -30,9 +30,16 @@
 //!
 //! Clusters beyond [`HeadMap::new`]'s coverage (a VDI grown to over four times its size while the SR was open)
 //! are not tabled and use the lookup cache alone.
+//!
+//! # Memory
+//! 8 bytes a touched cluster is 1/8192 of the data at 64 KiB clusters, but unbounded across many large VDIs, so the
+//! chunks of all volumes of an SR share a [`Budget`] ([`DEFAULT_BUDGET`], 64 MiB: enough for 512 GiB of touched
+//! clusters at 64 KiB). Once it is spent, clusters of chunks not yet allocated are served by the lookup cache (as
+//! qemu's qcow2 L2 cache has a size, and lookups beyond it go to the image); a volume's chunks go back to the
+//! budget when the volume's state is dropped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::keys::{FULL_MASK, ZERO_CLUSTER};
 use crate::volume::Loc;
@@ -49,9 +56,50 @@ const MIN_COVER: u64 = 1 << 20;
 /// Most clusters covered (16 TiB at 64 KiB clusters; the directory is then 64 Ki slots).
 const MAX_COVER: u64 = 1 << 28;
 
+/// Bytes of head-table chunks an SR allocates at most, across its volumes.
+pub(crate) const DEFAULT_BUDGET: u64 = 64 << 20;
+/// Bytes of one chunk.
+const CHUNK_BYTES: u64 = CHUNK * 8;
+
+/// Chunks the head tables of one SR may still allocate (see the module docs on memory).
+#[derive(Debug)]
+pub(crate) struct Budget {
+    chunks_left: AtomicI64,
+}
+
+impl Budget {
+    /// A budget of `bytes` (whole chunks).
+    pub(crate) fn new(bytes: u64) -> Budget {
+        Budget {
+            chunks_left: AtomicI64::new(i64::try_from(bytes / CHUNK_BYTES).unwrap_or(i64::MAX)),
+        }
+    }
+
+    /// Take one chunk if any is left.
+    fn take(&self) -> bool {
+        if self.chunks_left.fetch_sub(1, Ordering::AcqRel) > 0 {
+            return true;
+        }
+        self.chunks_left.fetch_add(1, Ordering::AcqRel);
+        false
+    }
+
+    fn give(&self, n: i64) {
+        self.chunks_left.fetch_add(n, Ordering::AcqRel);
+    }
+}
+
 /// See the module docs.
 pub(crate) struct HeadMap {
     chunks: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    budget: Arc<Budget>,
+}
+
+impl Drop for HeadMap {
+    fn drop(&mut self) {
+        let n = self.chunks.iter().filter(|c| c.get().is_some()).count();
+        self.budget.give(n as i64);
+    }
 }
 
 impl std::fmt::Debug for HeadMap {
@@ -68,13 +116,15 @@ impl std::fmt::Debug for HeadMap {
 
 impl HeadMap {
     /// A table for a volume whose head has `clusters` clusters now: it covers four times that (online growth),
-    /// at least [`MIN_COVER`] and at most [`MAX_COVER`] clusters. Only the directory is allocated here.
-    pub(crate) fn new(clusters: u64) -> HeadMap {
+    /// at least [`MIN_COVER`] and at most [`MAX_COVER`] clusters. Only the directory is allocated here; chunks
+    /// come out of `budget` as they are filled.
+    pub(crate) fn new(clusters: u64, budget: Arc<Budget>) -> HeadMap {
         let cover = clusters.saturating_mul(4).clamp(MIN_COVER, MAX_COVER);
         HeadMap {
             chunks: (0..cover.div_ceil(CHUNK))
                 .map(|_| OnceLock::new())
                 .collect(),
+            budget,
         }
     }
 
@@ -123,7 +173,24 @@ impl HeadMap {
         else {
             return;
         };
-        let chunk = dir.get_or_init(|| (0..CHUNK).map(|_| AtomicU64::new(0)).collect());
+        let chunk = match dir.get() {
+            Some(c) => c,
+            None => {
+                if !self.budget.take() {
+                    return;
+                }
+                let mut mine = false;
+                let c = dir.get_or_init(|| {
+                    mine = true;
+                    (0..CHUNK).map(|_| AtomicU64::new(0)).collect()
+                });
+                if !mine {
+                    // Another fill allocated it first (with its own share of the budget).
+                    self.budget.give(1);
+                }
+                c
+            }
+        };
         if let Some(s) = chunk.get((cluster % CHUNK) as usize) {
             s.store(p << EPOCH_BITS | loc.epoch, Ordering::Release);
         }
@@ -142,6 +209,46 @@ impl HeadMap {
 mod tests {
     use super::*;
 
+    fn unlimited() -> Arc<Budget> {
+        Arc::new(Budget::new(DEFAULT_BUDGET))
+    }
+
+    #[test]
+    fn chunks_come_out_of_a_shared_budget_and_go_back_on_drop() {
+        let b = Arc::new(Budget::new(CHUNK_BYTES));
+        let m = HeadMap::new(1, b.clone());
+        m.fill(0, &full(1, 5));
+        m.fill(1, &full(1, 6));
+        assert_eq!(
+            m.get(7, 1, 1),
+            Some(full(1, 6)),
+            "same chunk, no new budget"
+        );
+        let other = HeadMap::new(1, b.clone());
+        other.fill(0, &full(1, 9));
+        assert_eq!(
+            other.get(7, 0, 1),
+            None,
+            "budget spent: left to the lookup cache"
+        );
+        m.fill(CHUNK, &full(1, 7));
+        assert_eq!(
+            m.get(7, CHUNK, 1),
+            None,
+            "a second chunk is over budget too"
+        );
+        drop(m);
+        other.fill(0, &full(1, 9));
+        assert_eq!(
+            other.get(7, 0, 1),
+            Some(full(1, 9)),
+            "the dropped table's chunk went back"
+        );
+        assert_eq!(b.chunks_left.load(Ordering::Acquire), 0);
+        drop(other);
+        assert_eq!(b.chunks_left.load(Ordering::Acquire), 1);
+    }
+
     fn full(epoch: u64, pcluster: u64) -> Loc {
         Loc {
             vol: 7,
@@ -153,7 +260,7 @@ mod tests {
 
     #[test]
     fn answers_lookups_at_or_above_the_entry_epoch() {
-        let m = HeadMap::new(100);
+        let m = HeadMap::new(100, unlimited());
         assert_eq!(m.get(7, 5, 10), None, "nothing tabled yet");
         m.fill(5, &full(3, 42));
         assert_eq!(m.get(7, 5, 3), Some(full(3, 42)));
@@ -170,7 +277,7 @@ mod tests {
 
     #[test]
     fn zero_entries_and_large_numbers() {
-        let m = HeadMap::new(1);
+        let m = HeadMap::new(1, unlimited());
         m.fill(0, &full(1, ZERO_CLUSTER));
         assert_eq!(m.get(7, 0, 1), Some(full(1, ZERO_CLUSTER)));
         m.fill(1, &full(1, PCLUSTER_ZERO - 1));
@@ -185,7 +292,7 @@ mod tests {
 
     #[test]
     fn partial_entries_and_clusters_beyond_cover_are_not_tabled() {
-        let m = HeadMap::new(1);
+        let m = HeadMap::new(1, unlimited());
         m.fill(
             4,
             &Loc {
@@ -204,10 +311,16 @@ mod tests {
 
     #[test]
     fn cover_scales_with_size_within_bounds() {
-        assert_eq!(HeadMap::new(0).chunks.len() as u64, MIN_COVER / CHUNK);
-        assert_eq!(HeadMap::new(1 << 20).chunks.len() as u64, (4 << 20) / CHUNK);
         assert_eq!(
-            HeadMap::new(u64::MAX).chunks.len() as u64,
+            HeadMap::new(0, unlimited()).chunks.len() as u64,
+            MIN_COVER / CHUNK
+        );
+        assert_eq!(
+            HeadMap::new(1 << 20, unlimited()).chunks.len() as u64,
+            (4 << 20) / CHUNK
+        );
+        assert_eq!(
+            HeadMap::new(u64::MAX, unlimited()).chunks.len() as u64,
             MAX_COVER / CHUNK
         );
     }
