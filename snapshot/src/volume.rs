@@ -335,8 +335,12 @@ pub(crate) fn cache_edit(
     cluster: u64,
     edit: impl FnOnce(&mut CachedLookups),
 ) {
-    let vol = vs.id;
     vs.headmap.clear(cluster);
+    edit_shard(inner, vs.id, cluster, edit);
+}
+
+/// The lookup-cache half of [`cache_edit`]: bump the shard's generation and edit (vol, cluster)'s lookups.
+fn edit_shard(inner: &Inner, vol: u64, cluster: u64, edit: impl FnOnce(&mut CachedLookups)) {
     let mut shard = inner.cache[Inner::shard(vol, cluster)].lock();
     shard.generation += 1;
     if let Some(v) = shard.map.get_mut(&(vol, cluster)) {
@@ -348,15 +352,13 @@ pub(crate) fn cache_edit(
 /// The entry is partial (or was until this commit), so the head table, which holds only full newest entries,
 /// has nothing to clear (see [`crate::headmap`]).
 pub(crate) fn cache_set_mask(inner: &Inner, vol: u64, cluster: u64, epoch: u64, mask: u32) {
-    let mut shard = inner.cache[Inner::shard(vol, cluster)].lock();
-    shard.generation += 1;
-    if let Some(v) = shard.map.get_mut(&(vol, cluster)) {
+    edit_shard(inner, vol, cluster, |v| {
         for c in v.iter_mut() {
             if let Some(l) = c.found.as_mut().filter(|l| l.epoch == epoch) {
                 l.mask = mask;
             }
         }
-    }
+    });
 }
 
 fn lookup_own_db(inner: &Inner, vol: u64, cluster: u64, epoch: u64) -> EResult<Option<Loc>> {
