@@ -715,6 +715,183 @@ async fn expect_closed(st: &mut TcpStream) {
     assert!(r.is_ok(), "server did not close the connection");
 }
 
+/// xorshift64*: a seeded, reproducible stream for the randomized abuse below (the seed is printed on failure).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len() as u64) as usize]
+    }
+}
+
+/// Random request frames for an export of `size` bytes: known and unknown commands, any flag bits, offsets and
+/// lengths in range, just past the end, misaligned or absurd, writes with their payload, a truncated one, or
+/// none, and stretches of garbage. Returns the bytes to send.
+fn random_frames(rng: &mut Rng, size: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for handle in 0..1 + rng.below(8) {
+        match rng.below(10) {
+            0 => {
+                let n = 1 + rng.below(64) as usize;
+                out.extend((0..n).map(|_| rng.next() as u8));
+            }
+            _ => {
+                let unknown = rng.next() as u16;
+                let command = rng.pick(&[
+                    CMD_READ,
+                    CMD_WRITE,
+                    CMD_WRITE,
+                    CMD_FLUSH,
+                    CMD_TRIM,
+                    CMD_CACHE,
+                    CMD_WRITE_ZEROES,
+                    CMD_BLOCK_STATUS,
+                    CMD_DISC,
+                    CMD_RESIZE,
+                    unknown,
+                ]);
+                // Mostly requests a client could send, so that the server executes many of them too.
+                let flags = match rng.below(10) {
+                    0 => rng.next() as u16,
+                    1 => rng.pick(&[
+                        CMD_FLAG_FUA,
+                        CMD_FLAG_DF,
+                        CMD_FLAG_NO_HOLE,
+                        CMD_FLAG_REQ_ONE,
+                        CMD_FLAG_FAST_ZERO,
+                    ]),
+                    _ => 0,
+                };
+                let offset = match rng.below(8) {
+                    0 => rng.next(),
+                    1 => size - rng.below(8) * 512,
+                    2 => rng.below(size),
+                    _ => rng.below(size / 512 - 64) * 512,
+                };
+                let length = match rng.below(8) {
+                    0 => rng.next() as u32,
+                    1 => 1 + rng.below(70_000) as u32,
+                    _ => (1 + rng.below(64) as u32) * 512,
+                };
+                out.extend(codec::encode_request_header(&RequestHeader {
+                    flags,
+                    command,
+                    handle,
+                    offset,
+                    length,
+                }));
+                if command == CMD_WRITE {
+                    let sent = match rng.below(6) {
+                        0 => rng.below(u64::from(length).min(1 << 17) + 1),
+                        _ => u64::from(length).min(1 << 17),
+                    };
+                    out.extend((0..sent).map(|i| (i as u8) ^ 0x5a));
+                    if sent < u64::from(length) {
+                        break; // the rest of the stream would be payload
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Read what the server sends on a structured-reply connection until it closes or goes quiet, checking that
+/// every reply frame is well formed: a valid magic, a known handle, a chunk length that is read in full.
+async fn well_formed_replies(st: &mut (impl tokio::io::AsyncRead + Unpin), seed: u64) {
+    let quiet = Duration::from_secs(5);
+    loop {
+        let mut hdr = [0u8; CHUNK_HEADER_LEN];
+        match tokio::time::timeout(quiet, st.read_exact(&mut hdr[..4])).await {
+            Err(_) => panic!("seed {seed:#x}: server neither replied nor closed"),
+            Ok(Err(_)) => return, // closed
+            Ok(Ok(_)) => {}
+        }
+        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let n = codec::reply_header_len(magic)
+            .unwrap_or_else(|e| panic!("seed {seed:#x}: bad reply: {e}"));
+        if st.read_exact(&mut hdr[4..n]).await.is_err() {
+            return;
+        }
+        match codec::decode_reply_header(&hdr[..n]).expect("reply header") {
+            codec::ReplyHeader::Simple { handle, .. } => {
+                assert!(handle < 8, "seed {seed:#x}: handle {handle}")
+            }
+            codec::ReplyHeader::Chunk { handle, length, .. } => {
+                assert!(handle < 8, "seed {seed:#x}: handle {handle}");
+                let mut payload = vec![0u8; length as usize];
+                if st.read_exact(&mut payload).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Hundreds of connections sending random frames (see [`random_frames`]) to one export, then hanging up, while
+/// another export holds acknowledged data: every connection ends cleanly (well-formed replies, then a close),
+/// the server keeps serving, and the other export's data is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_frames_cost_only_their_connection() {
+    // A panic in a connection's task would only close that connection, which this test expects of bad
+    // frames anyway: count panics, wherever they happen, to catch them.
+    static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        previous(info)
+    }));
+    let s = serve().await;
+    s.export_file("vol", 4 * MIB, false);
+    s.export_file("fuzz", MIB, false);
+    let good = client(&s.tcp_uri("vol")).await;
+    let data = pattern(0, 256 << 10, 3);
+    good.write(MIB, IoBuf::from_slice(&data), WriteFlags { fua: true })
+        .await
+        .unwrap();
+
+    let base = std::env::var("SHALE_FUZZ_SEED")
+        .ok()
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x51a1e);
+    for i in 0..500u64 {
+        let seed = base.wrapping_add(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut rng = Rng(seed);
+        let frames = random_frames(&mut rng, MIB);
+        let raw = RawConn::connect(&s, "fuzz", true).await;
+        let (mut rd, mut wr) = raw.s.into_split();
+        let send = async move {
+            // The server may close first (that is the point); a failed write is fine.
+            let _ = wr.write_all(&frames).await;
+            let _ = wr.shutdown().await;
+        };
+        tokio::join!(send, well_formed_replies(&mut rd, seed));
+        assert_eq!(
+            PANICS.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "seed {seed:#x}: a task panicked"
+        );
+    }
+
+    // The well-behaved client never noticed; its data is intact; a new client works.
+    let back = good.read(MIB, IoBuf::zeroed(data.len())).await.unwrap();
+    assert_eq!(&back[..], &data[..]);
+    let fresh = client(&s.unix_uri("vol")).await;
+    let back = fresh.read(MIB, IoBuf::zeroed(data.len())).await.unwrap();
+    assert_eq!(&back[..], &data[..]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disc_drains_in_flight_writes() {
     let s = serve().await;

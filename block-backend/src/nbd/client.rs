@@ -6,6 +6,13 @@
 //! order. Reads use structured replies when the server offers them (holes arrive as `OFFSET_HOLE` chunks and
 //! are zero-filled locally), and block status uses `base:allocation`.
 //!
+//! The server is not trusted: the reader checks every reply before it touches a caller's buffer. A read's
+//! chunks must lie inside the request (offsets checked without overflow), must not overlap, and must cover all
+//! of it: a reply that ends short fails that read (the caller never sees bytes the server did not send), and
+//! anything that breaks the framing ends the connection, failing every pending and later request with the
+//! reason. Block sizes outside the spec's rules fail the handshake. `tests` play a hostile server, by hand and
+//! with generated replies.
+//!
 //! Semantics follow the [`BlockDevice`] contract, which is stricter than NBD in one place: `discard` must leave
 //! the range reading as zeroes, while `NBD_CMD_TRIM` promises nothing. So `discard` is sent as
 //! `NBD_CMD_WRITE_ZEROES` that may punch holes, and only falls back to writing zero buffers when the server has
@@ -102,6 +109,8 @@ enum Op {
     Read {
         offset: u64,
         buf: IoBuf,
+        /// Which bytes of `buf` the reply has filled so far.
+        covered: Coverage,
     },
     Status {
         offset: u64,
@@ -109,6 +118,50 @@ enum Op {
         extents: Vec<Extent>,
     },
     Plain,
+}
+
+/// The parts of a read's buffer that structured reply chunks have filled: the spec has a read's chunks cover
+/// the request exactly once, and without this check a reply that left a gap would hand the caller whatever the
+/// buffer held before (stale or uninitialised data read as if it were the disk's).
+#[derive(Debug, Default)]
+struct Coverage {
+    /// Filled byte ranges `[start, end)` of the buffer, sorted, disjoint and not touching.
+    runs: Vec<(u64, u64)>,
+    /// Bytes filled in all.
+    total: u64,
+}
+
+impl Coverage {
+    /// A coverage of the whole of a `len`-byte buffer (a simple reply's data).
+    fn whole(len: u64) -> Self {
+        Coverage {
+            runs: vec![(0, len)],
+            total: len,
+        }
+    }
+
+    /// Record `[start, start + len)` as filled; false (and nothing recorded) if it overlaps what is already.
+    fn add(&mut self, start: u64, len: u64) -> bool {
+        let end = start + len;
+        // The first run ending after `start`: the new range overlaps a run only if it overlaps this one.
+        let i = self.runs.partition_point(|r| r.1 <= start);
+        if self.runs.get(i).is_some_and(|r| r.0 < end) {
+            return false;
+        }
+        self.total += len;
+        let prev = i.checked_sub(1).filter(|&j| self.runs[j].1 == start);
+        let next = self.runs.get(i).is_some_and(|r| r.0 == end);
+        match (prev, next) {
+            (Some(j), true) => {
+                self.runs[j].1 = self.runs[i].1;
+                self.runs.remove(i);
+            }
+            (Some(j), false) => self.runs[j].1 = end,
+            (None, true) => self.runs[i].0 = start,
+            (None, false) => self.runs.insert(i, (start, end)),
+        }
+        true
+    }
 }
 
 enum Done {
@@ -386,7 +439,18 @@ impl NbdClient {
     async fn read_one(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len() as u32;
         match self
-            .submit(CMD_READ, 0, offset, len, None, Op::Read { offset, buf })
+            .submit(
+                CMD_READ,
+                0,
+                offset,
+                len,
+                None,
+                Op::Read {
+                    offset,
+                    buf,
+                    covered: Coverage::default(),
+                },
+            )
             .await?
         {
             Done::Read(b) => Ok(b),
@@ -611,6 +675,25 @@ async fn read_option_reply<R: AsyncRead + Unpin>(
     Ok((h, data))
 }
 
+/// The spec's rules for `NBD_INFO_BLOCK_SIZE`: minimum a power of two up to 64 KiB, preferred a power of two
+/// at least the minimum, maximum at least the minimum. The client sizes its requests from these, so values
+/// outside them (a zero-sized step, a minimum above 1 GiB) would make it loop or send requests no server takes.
+fn check_block_sizes(min: u32, preferred: u32, max: u32) -> Result<(), NbdError> {
+    let ok = min.is_power_of_two()
+        && min <= 64 << 10
+        && preferred.is_power_of_two()
+        && preferred >= min
+        && max >= min;
+    if ok {
+        Ok(())
+    } else {
+        Err(malformed(
+            "NBD_INFO_BLOCK_SIZE",
+            format!("minimum {min}, preferred {preferred}, maximum {max}"),
+        ))
+    }
+}
+
 async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
     w: &mut W,
@@ -676,6 +759,7 @@ async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     preferred,
                     max,
                 } => {
+                    check_block_sizes(min, preferred, max)?;
                     p.min_block = min.max(1);
                     p.preferred_block = preferred.max(1);
                     p.max_payload = max.min(u32::MAX - 8).max(min.max(1));
@@ -755,19 +839,36 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Fails every pending and later request when the reader task ends, however it ends: with the reason it gives,
+/// or, if its future is dropped unfinished (a panic in it, which tokio catches, or the runtime shutting down),
+/// with a generic one. Without this, callers would wait for replies nobody reads.
+struct FailPendingOnDrop<'a> {
+    shared: &'a Shared,
+    why: String,
+}
+
+impl Drop for FailPendingOnDrop<'_> {
+    fn drop(&mut self) {
+        self.shared.fail_all(std::mem::take(&mut self.why));
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
     mut r: BufReader<R>,
     shared: Arc<Shared>,
     meta_id: Option<u32>,
 ) {
-    let why = match read_replies(&mut r, &shared, meta_id).await {
+    let mut guard = FailPendingOnDrop {
+        shared: &shared,
+        why: "the reply reader stopped".into(),
+    };
+    guard.why = match read_replies(&mut r, &shared, meta_id).await {
         Ok(()) => "server closed the connection".to_string(),
         Err(e) => {
             warn!(error = %e, "NBD client connection failed");
             e.to_string()
         }
     };
-    shared.fail_all(why);
 }
 
 fn take_pending(shared: &Shared, handle: u64) -> Result<Pending, NbdError> {
@@ -783,13 +884,32 @@ fn take_pending(shared: &Shared, handle: u64) -> Result<Pending, NbdError> {
 fn complete(p: Pending) {
     let r = match p.error {
         Some(e) => Err(e),
-        None => Ok(match p.op {
-            Op::Read { buf, .. } => Done::Read(buf),
-            Op::Status { extents, .. } => Done::Status(extents),
-            Op::Plain => Done::Ok,
-        }),
+        None => match p.op {
+            Op::Read {
+                offset,
+                buf,
+                covered,
+            } if covered.total != buf.len() as u64 => Err(BlockError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "NBD server's reply to a read of {} bytes at {offset} covered {} of them",
+                    buf.len(),
+                    covered.total
+                ),
+            ))),
+            op => Ok(done(op)),
+        },
     };
     let _ = p.tx.send(r);
+}
+
+/// What a request that succeeded hands back.
+fn done(op: Op) -> Done {
+    match op {
+        Op::Read { buf, .. } => Done::Read(buf),
+        Op::Status { extents, .. } => Done::Status(extents),
+        Op::Plain => Done::Ok,
+    }
 }
 
 async fn read_replies<R: AsyncRead + Unpin>(
@@ -810,16 +930,8 @@ async fn read_replies<R: AsyncRead + Unpin>(
         match codec::decode_reply_header(&hdr[..n])? {
             ReplyHeader::Simple { error, handle } => {
                 let mut p = take_pending(shared, handle)?;
-                if error != 0 {
-                    p.error = Some(remote_error(error, ""));
-                } else if let Op::Read { buf, .. } = &mut p.op {
-                    r.read_exact(buf).await?;
-                } else if let Op::Status { .. } = &p.op {
-                    return Err(ProtocolError::Malformed {
-                        what: "reply",
-                        detail: "simple reply to BLOCK_STATUS".into(),
-                    }
-                    .into());
+                if let Err(e) = simple(r, &mut p, error).await {
+                    return Err(fail(p, e));
                 }
                 complete(p);
             }
@@ -830,7 +942,9 @@ async fn read_replies<R: AsyncRead + Unpin>(
                 length,
             } => {
                 let mut p = take_pending(shared, handle)?;
-                chunk(r, &mut p, typ, length, meta_id).await?;
+                if let Err(e) = chunk(r, &mut p, typ, length, meta_id).await {
+                    return Err(fail(p, e));
+                }
                 if flags & REPLY_FLAG_DONE != 0 {
                     complete(p);
                 } else {
@@ -849,6 +963,59 @@ fn malformed(what: &'static str, detail: impl Into<String>) -> NbdError {
     .into()
 }
 
+/// Answer the request whose reply broke the connection with the reason (the others get it from
+/// [`Shared::fail_all`]), and hand the error on.
+fn fail(p: Pending, e: NbdError) -> NbdError {
+    let _ = p.tx.send(Err(dead_error(&e.to_string())));
+    e
+}
+
+/// Apply a simple reply to its pending request.
+async fn simple<R: AsyncRead + Unpin>(
+    r: &mut R,
+    p: &mut Pending,
+    error: u32,
+) -> Result<(), NbdError> {
+    if error != 0 {
+        p.error = Some(remote_error(error, ""));
+    } else if let Op::Read { buf, covered, .. } = &mut p.op {
+        r.read_exact(buf).await?;
+        *covered = Coverage::whole(buf.len() as u64);
+    } else if let Op::Status { .. } = &p.op {
+        return Err(malformed("reply", "simple reply to BLOCK_STATUS"));
+    }
+    Ok(())
+}
+
+/// Where in a read's buffer a chunk of `n` bytes at export offset `off` goes, recording it as covered. A chunk
+/// that is empty, reaches outside the request (arithmetic checked: the offset is the server's) or overlaps an
+/// earlier chunk is a protocol violation.
+fn place_chunk(
+    req_offset: u64,
+    buf_len: usize,
+    covered: &mut Coverage,
+    off: u64,
+    n: u64,
+    what: &'static str,
+) -> Result<usize, NbdError> {
+    let start = off
+        .checked_sub(req_offset)
+        .filter(|&s| n > 0 && s.checked_add(n).is_some_and(|end| end <= buf_len as u64));
+    let Some(start) = start else {
+        return Err(malformed(
+            what,
+            format!("{n} bytes at {off} outside the request ({buf_len} bytes at {req_offset})"),
+        ));
+    };
+    if !covered.add(start, n) {
+        return Err(malformed(
+            what,
+            format!("{n} bytes at {off} overlap an earlier chunk"),
+        ));
+    }
+    Ok(start as usize)
+}
+
 /// Apply one structured chunk to its pending request.
 async fn chunk<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -864,28 +1031,29 @@ async fn chunk<R: AsyncRead + Unpin>(
             }
         }
         REPLY_TYPE_OFFSET_DATA => {
-            let Op::Read { offset, buf } = &mut p.op else {
+            let Op::Read {
+                offset,
+                buf,
+                covered,
+            } = &mut p.op
+            else {
                 return Err(malformed("OFFSET_DATA chunk", "not a read"));
             };
             if length < 9 {
                 return Err(malformed("OFFSET_DATA chunk", format!("length {length}")));
             }
             let off = r.read_u64().await?;
-            let n = (length - 8) as u64;
-            let start = off
-                .checked_sub(*offset)
-                .filter(|s| s + n <= buf.len() as u64);
-            let Some(start) = start else {
-                return Err(malformed(
-                    "OFFSET_DATA chunk",
-                    format!("{n} bytes at {off} outside the request"),
-                ));
-            };
-            r.read_exact(&mut buf[start as usize..(start + n) as usize])
-                .await?;
+            let n = u64::from(length - 8);
+            let start = place_chunk(*offset, buf.len(), covered, off, n, "OFFSET_DATA chunk")?;
+            r.read_exact(&mut buf[start..start + n as usize]).await?;
         }
         REPLY_TYPE_OFFSET_HOLE => {
-            let Op::Read { offset, buf } = &mut p.op else {
+            let Op::Read {
+                offset,
+                buf,
+                covered,
+            } = &mut p.op
+            else {
                 return Err(malformed("OFFSET_HOLE chunk", "not a read"));
             };
             let mut d = [0u8; 12];
@@ -895,16 +1063,8 @@ async fn chunk<R: AsyncRead + Unpin>(
             r.read_exact(&mut d).await?;
             let (off, n) = codec::decode_offset_hole(&d)?;
             let n = u64::from(n);
-            let start = off
-                .checked_sub(*offset)
-                .filter(|s| s + n <= buf.len() as u64);
-            let Some(start) = start else {
-                return Err(malformed(
-                    "OFFSET_HOLE chunk",
-                    format!("{n} bytes at {off} outside the request"),
-                ));
-            };
-            buf[start as usize..(start + n) as usize].fill(0);
+            let start = place_chunk(*offset, buf.len(), covered, off, n, "OFFSET_HOLE chunk")?;
+            buf[start..start + n as usize].fill(0);
         }
         REPLY_TYPE_BLOCK_STATUS => {
             if length > MAX_CONTROL_CHUNK {
@@ -971,6 +1131,274 @@ async fn chunk<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::io::DuplexStream;
+
+    /// The bytes a scripted server answers a request with, given its handle.
+    type ReplyTo = fn(u64) -> Vec<u8>;
+
+    /// Export size the scripted server announces.
+    const SIZE: u64 = 1 << 20;
+
+    /// A client connected to a scripted server: the server half of the negotiation accepts structured replies
+    /// and `base:allocation` (context 1) and answers GO with a [`SIZE`]-byte export and `block` (minimum,
+    /// preferred, maximum) as `NBD_INFO_BLOCK_SIZE`. The test then reads requests from and writes replies to
+    /// the returned stream, byte by byte as it likes: this is how a broken or hostile server is played.
+    async fn scripted(block: (u32, u32, u32)) -> (Result<NbdClient, NbdError>, DuplexStream) {
+        let (c, mut s) = tokio::io::duplex(1 << 20);
+        let server = async move {
+            s.write_all(&codec::encode_greeting(
+                FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+            ))
+            .await?;
+            s.read_u32().await?;
+            loop {
+                let mut h = [0u8; OPTION_HEADER_LEN];
+                s.read_exact(&mut h).await?;
+                let (opt, len) = codec::decode_option_header(&h).map_err(std::io::Error::other)?;
+                s.read_exact(&mut vec![0u8; len as usize]).await?;
+                let mut out = Vec::new();
+                let rep = |out: &mut Vec<u8>, typ, payload: &[u8]| {
+                    codec::encode_option_reply(out, opt, typ, payload)
+                };
+                match opt {
+                    OPT_STRUCTURED_REPLY => rep(&mut out, REP_ACK, &[]),
+                    OPT_SET_META_CONTEXT => {
+                        rep(
+                            &mut out,
+                            REP_META_CONTEXT,
+                            &codec::encode_meta_context(1, BASE_ALLOCATION),
+                        );
+                        rep(&mut out, REP_ACK, &[]);
+                    }
+                    OPT_GO => {
+                        let export = InfoReply::Export {
+                            size: SIZE,
+                            flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH,
+                        };
+                        let (min, preferred, max) = block;
+                        let sizes = InfoReply::BlockSize {
+                            min,
+                            preferred,
+                            max,
+                        };
+                        rep(&mut out, REP_INFO, &codec::encode_info(&export));
+                        rep(&mut out, REP_INFO, &codec::encode_info(&sizes));
+                        rep(&mut out, REP_ACK, &[]);
+                        s.write_all(&out).await?;
+                        return Ok::<_, std::io::Error>(s);
+                    }
+                    _ => rep(&mut out, REP_ERR_UNSUP, &[]),
+                }
+                s.write_all(&out).await?;
+            }
+        };
+        let (r, w) = tokio::io::split(c);
+        let (client, server) = tokio::join!(NbdClient::handshake(r, w, "x"), server);
+        (client, server.expect("scripted negotiation"))
+    }
+
+    /// Read one request header the client sent.
+    async fn request(s: &mut DuplexStream) -> RequestHeader {
+        let mut h = [0u8; REQUEST_HEADER_LEN];
+        s.read_exact(&mut h).await.expect("request header");
+        codec::decode_request_header(&h).expect("request magic")
+    }
+
+    /// An `OFFSET_DATA` chunk of `len` bytes of `fill` at `offset`.
+    fn data_chunk(flags: u16, handle: u64, offset: u64, len: u32, fill: u8) -> Vec<u8> {
+        let mut v = codec::encode_offset_data_header(flags, handle, offset, len).to_vec();
+        v.resize(v.len() + len as usize, fill);
+        v
+    }
+
+    /// Read `len` bytes at `offset` into a buffer that starts out as 0xEE, giving up after five seconds.
+    async fn read(client: &NbdClient, offset: u64, len: usize) -> Result<IoBuf> {
+        let mut buf = IoBuf::zeroed(len);
+        buf.fill(0xEE);
+        tokio::time::timeout(Duration::from_secs(5), client.read(offset, buf))
+            .await
+            .expect("a read must end, whatever the server sends")
+    }
+
+    #[test]
+    fn coverage_merges_runs_and_refuses_overlaps() {
+        let mut c = Coverage::default();
+        assert!(c.add(8, 4));
+        assert!(c.add(0, 4));
+        assert!(c.add(16, 4));
+        assert!(!c.add(2, 4), "overlaps [0, 4)");
+        assert!(!c.add(11, 6), "overlaps [8, 12) and [16, 20)");
+        assert!(!c.add(0, 100), "covers everything");
+        assert!(c.add(4, 4), "fills the gap between [0, 4) and [8, 12)");
+        assert_eq!(c.runs, vec![(0, 12), (16, 20)]);
+        assert!(c.add(12, 4));
+        assert_eq!((c.runs.clone(), c.total), (vec![(0, 20)], 20));
+    }
+
+    #[tokio::test]
+    async fn block_sizes_outside_the_spec_fail_the_handshake() {
+        for bad in [
+            (3, 4096, 1 << 25),
+            (1 << 20, 1 << 20, 1 << 25),
+            (4096, 512, 1 << 25),
+            (4096, 4096, 512),
+            (0, 4096, 1 << 25),
+        ] {
+            let (client, _s) = scripted(bad).await;
+            let err = client.expect_err("bad block sizes accepted");
+            assert!(
+                err.to_string().contains("NBD_INFO_BLOCK_SIZE"),
+                "{bad:?}: {err}"
+            );
+        }
+        let (client, _s) = scripted((512, 4096, 1 << 25)).await;
+        assert_eq!(client.expect("valid sizes").info().block_size, 512);
+    }
+
+    /// Have `client` read 8 KiB at 4 KiB while the scripted server answers the request with the bytes
+    /// `reply(handle)` returns.
+    async fn exchange(
+        client: &NbdClient,
+        s: &mut DuplexStream,
+        reply: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<IoBuf> {
+        let script = async {
+            let h = request(s).await;
+            assert_eq!((h.command, h.offset, h.length), (CMD_READ, 4096, 8192));
+            s.write_all(&reply(h.handle)).await.expect("reply");
+        };
+        tokio::join!(read(client, 4096, 8192), script).0
+    }
+
+    /// Data at 8 KiB then a hole at 4 KiB: a whole, valid reply sent out of order.
+    fn valid_reply(handle: u64) -> Vec<u8> {
+        let mut v = data_chunk(0, handle, 8192, 4096, 7);
+        v.extend(codec::encode_offset_hole(
+            REPLY_FLAG_DONE,
+            handle,
+            4096,
+            4096,
+        ));
+        v
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever reply frames a server sends to a read (chunks of every type, for this handle or another,
+        /// anywhere, of any length, in any order, with or without DONE, then the connection closed), the read
+        /// ends, and if it succeeds every byte the caller gets was sent for it: none is left from before.
+        #[test]
+        fn any_reply_to_a_read_ends_it_and_never_returns_stale_bytes(
+            frames in proptest::collection::vec(
+                (0u8..7, proptest::bool::weighted(0.85), -8192i64..16384, 0u32..12288, proptest::bool::ANY),
+                0..6,
+            )
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let (client, mut s) = scripted((1, 4096, 1 << 25)).await;
+                let client = client.expect("handshake");
+                let script = async move {
+                    let handle = request(&mut s).await.handle;
+                    let mut out = Vec::new();
+                    for (i, &(kind, ours, delta, len, done)) in frames.iter().enumerate() {
+                        let h = if ours { handle } else { handle + 1 + i as u64 };
+                        let off = 4096u64.wrapping_add_signed(delta);
+                        let flags = if done { REPLY_FLAG_DONE } else { 0 };
+                        match kind {
+                            0 => out.extend(data_chunk(flags, h, off, len, i as u8 + 1)),
+                            1 => out.extend(codec::encode_offset_hole(flags, h, off, len)),
+                            2 => out.extend(codec::encode_chunk_header(flags, REPLY_TYPE_NONE, h, 0)),
+                            3 => codec::encode_error_chunk(&mut out, h, 5, "injected"),
+                            4 => {
+                                out.extend(codec::encode_simple_reply(0, h));
+                                out.resize(out.len() + len as usize, i as u8 + 1);
+                            }
+                            5 => codec::encode_block_status(&mut out, h, 1, &[(len, 0)]),
+                            _ => out.extend(codec::encode_chunk_header(flags, 77, h, len)),
+                        }
+                    }
+                    // A client that gave up on the connection stops reading: the write may fail.
+                    let _ = s.write_all(&out).await;
+                    // Dropped here: the connection closes after the frames.
+                };
+                let (got, ()) = tokio::join!(read(&client, 4096, 8192), script);
+                if let Ok(buf) = got {
+                    assert!(!buf.contains(&0xEE), "a successful read returned bytes nobody sent");
+                }
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn read_chunks_must_cover_the_request_once_and_stay_inside_it() {
+        let (client, mut s) = scripted((1, 4096, 1 << 25)).await;
+        let client = client.expect("handshake");
+        let got = exchange(&client, &mut s, valid_reply)
+            .await
+            .expect("valid reply");
+        assert!(got[..4096].iter().all(|&b| b == 0) && got[4096..].iter().all(|&b| b == 7));
+
+        // Half the request, then DONE: the caller must not get the other half's old bytes. The stream is still
+        // in step, so the connection goes on.
+        let short = |h| {
+            let mut v = data_chunk(0, h, 4096, 4096, 5);
+            v.extend(codec::encode_none(h));
+            v
+        };
+        let err = exchange(&client, &mut s, short)
+            .await
+            .expect_err("short reply");
+        assert!(err.to_string().contains("covered 4096"), "{err}");
+        exchange(&client, &mut s, valid_reply)
+            .await
+            .expect("the connection survives a short reply");
+
+        // Overlapping chunks: the server is broken, the connection is given up.
+        let overlap = |h| {
+            let mut v = data_chunk(0, h, 4096, 4096, 1);
+            v.extend(data_chunk(REPLY_FLAG_DONE, h, 6144, 4096, 2));
+            v
+        };
+        let err = exchange(&client, &mut s, overlap)
+            .await
+            .expect_err("overlap");
+        assert!(err.to_string().contains("overlap"), "{err}");
+        let after = read(&client, 0, 4096)
+            .await
+            .expect_err("connection given up");
+        assert!(after.to_string().contains("overlap"), "{after}");
+
+        // Offsets whose arithmetic overflows, empty holes, unknown handles: each ends its connection with an
+        // error for the caller, never a panic or a hang.
+        let hostile: [(&str, ReplyTo); 4] = [
+            // Offset - 4096 + 8192 wraps around to fewer than 8192.
+            ("data near 2^64", |h| {
+                data_chunk(REPLY_FLAG_DONE, h, u64::MAX - 100, 8192, 1)
+            }),
+            ("hole near 2^64", |h| {
+                codec::encode_offset_hole(REPLY_FLAG_DONE, h, u64::MAX - 100, 8192).to_vec()
+            }),
+            ("empty hole", |h| {
+                codec::encode_offset_hole(REPLY_FLAG_DONE, h, 4096, 0).to_vec()
+            }),
+            ("unknown handle", |h| {
+                codec::encode_simple_reply(0, h ^ 0x55).to_vec()
+            }),
+        ];
+        for (what, reply) in hostile {
+            let (client, mut s) = scripted((1, 4096, 1 << 25)).await;
+            let client = client.expect("handshake");
+            let err = exchange(&client, &mut s, reply).await.expect_err(what);
+            assert!(
+                err.to_string().contains("NBD connection lost"),
+                "{what}: {err}"
+            );
+            read(&client, 0, 4096).await.expect_err(what);
+        }
+    }
 
     #[test]
     fn uris() {

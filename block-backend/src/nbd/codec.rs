@@ -1461,4 +1461,207 @@ mod tests {
         assert!(reply_header_len(0x1234).is_err());
         assert_eq!(encode_none(1)[4..6], REPLY_FLAG_DONE.to_be_bytes());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Strings as options carry them: short, any Unicode.
+        fn name() -> impl Strategy<Value = String> + Clone {
+            "\\PC{0,24}"
+        }
+
+        fn client_option() -> impl Strategy<Value = ClientOption> {
+            let infos = proptest::collection::vec(any::<u16>(), 0..6);
+            let queries = proptest::collection::vec(name(), 0..4);
+            prop_oneof![
+                name().prop_map(ClientOption::ExportName),
+                Just(ClientOption::Abort),
+                Just(ClientOption::List),
+                Just(ClientOption::StartTls),
+                Just(ClientOption::StructuredReply),
+                (name(), infos.clone())
+                    .prop_map(|(name, requests)| ClientOption::Info { name, requests }),
+                (name(), infos).prop_map(|(name, requests)| ClientOption::Go { name, requests }),
+                (name(), queries.clone()).prop_map(|(export, queries)| {
+                    ClientOption::ListMetaContext { export, queries }
+                }),
+                (name(), queries)
+                    .prop_map(|(export, queries)| ClientOption::SetMetaContext { export, queries }),
+            ]
+        }
+
+        /// Every `NBD_FLAG_SEND_*` a server may advertise.
+        const ALL_SEND: u16 = FLAG_SEND_FLUSH
+            | FLAG_SEND_FUA
+            | FLAG_SEND_TRIM
+            | FLAG_SEND_WRITE_ZEROES
+            | FLAG_SEND_DF
+            | FLAG_SEND_CACHE
+            | FLAG_SEND_FAST_ZERO;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// What the client encodes, the server decodes to the same option.
+            #[test]
+            fn options_round_trip(opt in client_option()) {
+                let mut wire = Vec::new();
+                encode_option(&opt, &mut wire);
+                let hdr: [u8; OPTION_HEADER_LEN] = wire[..OPTION_HEADER_LEN].try_into().unwrap();
+                let (number, len) = decode_option_header(&hdr).unwrap();
+                prop_assert_eq!(len as usize, wire.len() - OPTION_HEADER_LEN);
+                prop_assert_eq!(decode_option(number, &wire[OPTION_HEADER_LEN..]).unwrap(), opt);
+            }
+
+            /// Any option number with any data decodes or is refused, never panics; known options with bad
+            /// data are `InvalidOption` (answered, the session goes on).
+            #[test]
+            fn any_option_data_is_decoded_or_refused(
+                number in prop_oneof![1u32..12, any::<u32>()],
+                data in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                match decode_option(number, &data) {
+                    Ok(opt) => prop_assert_eq!(opt.number(), number),
+                    Err(e) => prop_assert!(matches!(e, ProtocolError::InvalidOption { .. }), "{e}"),
+                }
+            }
+
+            /// Every info reply the server can send reads back the same.
+            #[test]
+            fn info_round_trip(
+                info in prop_oneof![
+                    (any::<u64>(), any::<u16>()).prop_map(|(size, flags)| InfoReply::Export { size, flags }),
+                    name().prop_map(InfoReply::Name),
+                    name().prop_map(InfoReply::Description),
+                    (any::<u32>(), any::<u32>(), any::<u32>())
+                        .prop_map(|(min, preferred, max)| InfoReply::BlockSize { min, preferred, max }),
+                ]
+            ) {
+                prop_assert_eq!(decode_info(&encode_info(&info)).unwrap(), info);
+            }
+
+            /// The client's decoders take whatever a server sends without panicking.
+            #[test]
+            fn server_frames_never_panic_the_decoders(
+                data in proptest::collection::vec(any::<u8>(), 0..48),
+                typ in any::<u16>(),
+            ) {
+                let _ = decode_info(&data);
+                let _ = decode_rep_server(&data);
+                let _ = decode_meta_context(&data);
+                let _ = decode_offset_hole(&data);
+                let _ = decode_error_chunk(typ | REPLY_TYPE_FLAG_ERROR, &data);
+                let _ = decode_block_status(&data);
+                if data.len() >= 4 {
+                    let magic = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                    if let Ok(n) = reply_header_len(magic) {
+                        if data.len() >= n {
+                            let _ = decode_reply_header(&data[..n]);
+                        }
+                    }
+                }
+                if data.len() >= OPTION_REPLY_HEADER_LEN {
+                    let _ = decode_option_reply_header(&data[..OPTION_REPLY_HEADER_LEN].try_into().unwrap());
+                }
+            }
+        }
+
+        proptest! {
+            // Cheap cases, and the interesting ones (a request ending exactly at or just past the end) are rare.
+            #![proptest_config(ProptestConfig::with_cases(8192))]
+
+            /// A request header the validator accepts is one the server can execute as it stands: a known
+            /// command, flags it may carry, in range, aligned, and no larger than the payload limit; a write to
+            /// a read-only export is never accepted.
+            #[test]
+            fn accepted_requests_are_executable(
+                command in prop_oneof![6 => 0u16..8, 1 => any::<u16>()],
+                flags in prop_oneof![
+                    4 => Just(0u16),
+                    2 => proptest::sample::select(vec![
+                        CMD_FLAG_FUA,
+                        CMD_FLAG_DF,
+                        CMD_FLAG_NO_HOLE,
+                        CMD_FLAG_REQ_ONE,
+                        CMD_FLAG_FAST_ZERO,
+                        CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+                    ]),
+                    1 => any::<u16>(),
+                ],
+                // Mostly multiples of the block size, often ending near the export's end, so that many
+                // requests pass validation and many fail it narrowly.
+                (offset_mode, back, raw_offset) in (0u8..6, 0u64..24, any::<u64>()),
+                (length_units, raw_length, raw_len_mode) in (0u32..24, any::<u32>(), 0u8..8),
+                size_units in 0u64..512,
+                min_block in prop_oneof![Just(1u32), Just(512), Just(4096)],
+                tflags in prop_oneof![
+                    2 => Just(ALL_SEND),
+                    1 => Just(ALL_SEND | FLAG_READ_ONLY),
+                    1 => any::<u16>(),
+                ],
+                structured in any::<bool>(),
+                block_status in any::<bool>(),
+            ) {
+                let unit = u64::from(min_block.max(512));
+                let size = size_units * unit;
+                let n = Negotiated {
+                    size,
+                    min_block,
+                    max_payload: 1 << 16,
+                    flags: tflags | FLAG_HAS_FLAGS,
+                    structured,
+                    block_status,
+                };
+                let offset = match offset_mode {
+                    0..=3 => size.saturating_sub(back * unit),
+                    4 => raw_offset % (1 << 21),
+                    _ => raw_offset,
+                };
+                let length = match raw_len_mode {
+                    0 => raw_length,
+                    1 => raw_length % (1 << 17),
+                    _ => length_units * unit as u32,
+                };
+                let wire = encode_request_header(&RequestHeader { flags, command, handle: 9, offset, length });
+                let Ok(r) = decode_request(&wire, &n) else { return Ok(()) };
+                prop_assert_eq!(r.handle, 9);
+                if r.command == Command::Disconnect {
+                    return Ok(()); // its flags, offset and length mean nothing
+                }
+                // Flags only where they mean something and were offered; commands only if advertised.
+                let t = n.flags;
+                let read = matches!(r.command, Command::Read { .. });
+                let status = matches!(r.command, Command::BlockStatus { .. });
+                let zeroes = matches!(r.command, Command::WriteZeroes { .. });
+                prop_assert!(flags & CMD_FLAG_FUA == 0 || t & FLAG_SEND_FUA != 0);
+                prop_assert!(flags & CMD_FLAG_DF == 0 || read && structured && t & FLAG_SEND_DF != 0);
+                prop_assert!(flags & CMD_FLAG_REQ_ONE == 0 || status);
+                prop_assert!(flags & CMD_FLAG_NO_HOLE == 0 || zeroes);
+                prop_assert!(flags & CMD_FLAG_FAST_ZERO == 0 || zeroes && t & FLAG_SEND_FAST_ZERO != 0);
+                let known = CMD_FLAG_FUA | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO;
+                prop_assert!(flags & !known == 0);
+                match r.command {
+                    Command::Flush => prop_assert!(t & FLAG_SEND_FLUSH != 0),
+                    Command::Cache => prop_assert!(t & FLAG_SEND_CACHE != 0),
+                    Command::BlockStatus { .. } => prop_assert!(block_status),
+                    _ => {}
+                }
+                match r.command {
+                    Command::Flush => return Ok(()),
+                    Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. } => {
+                        prop_assert!(n.flags & FLAG_READ_ONLY == 0)
+                    }
+                    Command::Read { .. } => prop_assert!(r.len <= n.max_payload),
+                    _ => {}
+                }
+                if let Command::Write { .. } = r.command {
+                    prop_assert!(r.len <= n.max_payload);
+                }
+                prop_assert!(r.len > 0);
+                prop_assert!(r.offset.checked_add(u64::from(r.len)).is_some_and(|end| end <= size));
+                prop_assert!(r.offset % u64::from(min_block) == 0 && r.len % min_block == 0);
+            }
+        }
+    }
 }
