@@ -4,8 +4,9 @@
 //! Covers: raw images in and out (convert/compare/nbdcopy), thin maps (`nbdinfo --map` shows holes where
 //! nothing was written), multi-connection fio verify, snapshot exports (frozen content, read-only, EPERM on
 //! write), `shale nbd list` connections, in-use refusal of destroy while a client is connected, export names
-//! (`NAME`, `SR/NAME`, UUID; ambiguous bare names refused), a clean daemon stop with a client connected, and
-//! verified fio stress while snapshots are taken, destroyed and collected.
+//! (`NAME`, `SR/NAME`, UUID; ambiguous bare names refused), a clean daemon stop with a client connected,
+//! verified fio stress while snapshots are taken, destroyed and collected, and a full SR (ENOSPC to the client,
+//! the export still serving) followed by `kill -9` of the daemon (flushed and FUA writes survive).
 //!
 //! A test whose client tool is missing prints `SKIP: ...` and passes.
 
@@ -551,4 +552,96 @@ fn cli_export_list_and_in_use() {
     });
     let st = d.stop();
     assert!(st.success(), "daemon exit: {st}");
+}
+
+/// `qemu-io` on `uri` running `commands` (each a `-c`), as a command to run.
+fn qemu_io(uri: &str, commands: &[&str]) -> Command {
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    cmd("qemu-io", &args)
+}
+
+/// Over NBD, a full SR answers writes with ENOSPC while the export goes on serving; every write acknowledged
+/// after a flush, or with FUA, survives `kill -9` of the daemon; and freeing space makes the export writable
+/// again.
+#[test]
+fn full_sr_is_enospc_over_nbd_and_flushed_writes_survive_kill_9() {
+    if !have("qemu-io") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let d = Daemon::start(&state);
+    let small = tmp.path().join("small").display().to_string();
+    d.shale([
+        "sr",
+        "create",
+        "--name",
+        "small",
+        "--path",
+        &small,
+        "--capacity",
+        "4M",
+        "--cluster-size",
+        "64K",
+    ])
+    .ok();
+    for vdi in ["a", "b"] {
+        d.shale([
+            "vdi", "create", "--sr", "small", "--name", vdi, "--size", "64M",
+        ])
+        .ok();
+    }
+    d.shale([
+        "vdi",
+        "write",
+        "small/b",
+        "--pattern",
+        "0x66",
+        "--length",
+        "1M",
+    ])
+    .ok();
+    let uri = unix_uri(&d, "small/a");
+
+    // 2 MiB written then flushed, and 64 KiB written with FUA: both acknowledged as durable.
+    run_ok(&mut qemu_io(&uri, &["write -P 0x5a 0 2M", "flush"]));
+    run_ok(&mut qemu_io(&uri, &["write -f -P 0x33 2M 64k"]));
+    // 2 MiB more does not fit in the 960 KiB left.
+    let err = run_fails(&mut qemu_io(&uri, &["write -P 0x77 3M 2M"]));
+    assert!(err.contains("No space left on device"), "{err}");
+    // The export still serves, and a write into space the VDI already owns still works.
+    run_ok(&mut qemu_io(
+        &uri,
+        &["read -P 0x5a 0 2M", "write -P 0x5b 1M 4k", "flush"],
+    ));
+
+    // kill -9, restart: everything acknowledged as durable is there, and the SR checks clean.
+    d.signal(libc::SIGKILL);
+    drop(d);
+    let d = Daemon::start(&state);
+    let uri = unix_uri(&d, "small/a");
+    run_ok(&mut qemu_io(
+        &uri,
+        &[
+            "read -P 0x5a 0 1M",
+            "read -P 0x5b 1M 4k",
+            "read -P 0x5a 1052672 1044480",
+            "read -P 0x33 2M 64k",
+        ],
+    ));
+    d.shale(["sr", "check", "small"]).ok();
+
+    // Freeing space (destroy b, collect) makes the export writable again.
+    d.shale(["vdi", "destroy", "small/b"]).ok();
+    d.shale(["sr", "gc", "small"]).ok();
+    run_ok(&mut qemu_io(
+        &uri,
+        &["write -P 0x44 3M 512k", "flush", "read -P 0x44 3M 512k"],
+    ));
+    d.shale(["sr", "check", "small"]).ok();
+    assert!(d.stop().success());
 }
