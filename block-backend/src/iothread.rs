@@ -4,7 +4,7 @@
 //! A front end (the NBD server) hands each connection to one I/O thread; everything the connection does — socket
 //! reads, [`BlockDevice`](crate::BlockDevice) calls, the data I/O they issue through
 //! [`IoEngine`](crate::uring::IoEngine), reply writes — then runs on that thread, and the I/O goes through the
-//! thread's own ring ([`crate::local_ring`]) instead of the shared ring thread. Connections are spread over the
+//! thread's own ring (`local_ring`) instead of the shared ring thread. Connections are spread over the
 //! threads round-robin; by default there is one thread per two cores ([`default_threads`]), since the clients
 //! share the host's cores.
 //!

@@ -11,7 +11,7 @@
 //! - [`uring`]: the io_uring engine (`IoEngine`) on dedicated threads.
 //! - [`iothread`]: I/O threads — single-threaded runtimes with their own ring, so a front end's request is served
 //!   start to finish on one thread (`local_ring` is the per-thread ring they drive).
-//! - [`file`]: a raw file or block device as a `BlockDevice`, on the io_uring engine.
+//! - [`file`](mod@file): a raw file or block device as a `BlockDevice`, on the io_uring engine.
 //! - [`semantics`]: how front-end commands (NBD, virtio-blk) map onto `BlockDevice` calls, shared so flush, FUA,
 //!   discard and write-zeroes behave the same on every front.
 //! - [`nbd`]: the NBD protocol: one codec for server and client.

@@ -2,7 +2,7 @@
 //!
 //! # Design
 //!
-//! Async callers (tokio tasks) never issue blocking data syscalls. They build an [`Op`] that **owns** everything
+//! Async callers (tokio tasks) never issue blocking data syscalls. They build an `Op` that **owns** everything
 //! the kernel will touch: the [`IoBuf`] and an `Arc<File>` clone (so the fd stays open), plus a oneshot sender for
 //! the result. The op is pushed onto the queue of one ring thread (round-robin over `threads` rings) and the caller
 //! awaits the oneshot.

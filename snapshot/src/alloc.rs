@@ -101,7 +101,7 @@ impl Allocator {
     }
 
     /// A reservation's fate is decided: its commit is written (a map entry owns the cluster), or it was handed to
-    /// [`crate::gc::release_clusters`] after a failed write.
+    /// `gc::release_clusters` after a failed write.
     pub fn settle(&mut self, r: Reservation) {
         self.in_flight.remove(&r.pcluster);
     }

@@ -156,7 +156,7 @@ impl Engine {
     ///
     /// Every volume pending when a pass ends is collected, including ones a pass itself queued (a hidden parent
     /// released by its last clone); a volume asked for again while its pass ran gets one more pass, but at most
-    /// [`PASSES_PER_CALL`] per call, so a steady stream of requests (trims freeing entries beneath partial ones)
+    /// `PASSES_PER_CALL` per call, so a steady stream of requests (trims freeing entries beneath partial ones)
     /// cannot keep this call, and the lock it holds, forever.
     pub async fn gc_now(&self) -> Result<u64> {
         let inner = &self.inner;
