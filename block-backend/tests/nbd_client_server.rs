@@ -1004,8 +1004,69 @@ async fn client_against_qemu_nbd() {
     c.discard(2 * MIB, MIB).await.unwrap();
     let back = c.read(2 * MIB, IoBuf::zeroed(MIB as usize)).await.unwrap();
     assert!(back.iter().all(|&b| b == 0));
+
+    // Several connections where qemu-nbd promises multi-conn consistency, one where it does not (made while
+    // `c` is connected: without --persistent, qemu-nbd exits when its last client leaves; -e 4 admits 1 + 3).
+    let m = NbdClient::connect_multi(&NbdAddr::Unix(sock.clone()), "qexp", 3)
+        .await
+        .unwrap();
+    let want = if m.info().can_multi_conn { 3 } else { 1 };
+    assert_eq!(m.connections(), want);
+    m.write(4 * MIB, IoBuf::from_slice(&data), WriteFlags::default())
+        .await
+        .unwrap();
+    m.flush().await.unwrap();
+    let back = m.read(4 * MIB, IoBuf::zeroed(MIB as usize)).await.unwrap();
+    assert!(back[..] == data[..]);
+    m.disconnect().await;
     drop(c);
     let _ = child.kill().await;
+}
+
+/// A multi-connection client spreads its requests over every connection (the server sees all of them at work),
+/// and one flush makes the writes of all of them durable and visible to any other client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_conn_client_spreads_requests_over_its_connections() {
+    let s = serve().await;
+    s.export_file("vol", 16 * MIB, false);
+    let addr = NbdAddr::parse_uri(&s.tcp_uri("vol")).unwrap().0;
+    let c = Arc::new(NbdClient::connect_multi(&addr, "vol", 4).await.unwrap());
+    assert!(c.info().can_multi_conn);
+    assert_eq!(c.connections(), 4);
+    let jobs = (0..64u64).map(|i| {
+        let c = c.clone();
+        async move {
+            let data = IoBuf::from_slice(&pattern(i, 64 << 10, 4));
+            c.write(i * (64 << 10), data, WriteFlags::default()).await
+        }
+    });
+    for r in futures::future::join_all(jobs).await {
+        r.unwrap();
+    }
+    c.flush().await.unwrap();
+    let conns = s.server.connections();
+    assert_eq!(conns.len(), 4);
+    assert_eq!(conns.iter().map(|c| c.writes).sum::<u64>(), 64);
+    assert!(
+        conns.iter().all(|c| c.writes > 0),
+        "every connection carries writes: {conns:?}"
+    );
+    let other = client(&s.unix_uri("vol")).await;
+    let back = other
+        .read(0, IoBuf::zeroed(4 * MIB as usize))
+        .await
+        .unwrap();
+    for i in 0..64usize {
+        assert_eq!(
+            &back[i << 16..(i + 1) << 16],
+            &pattern(i as u64, 64 << 10, 4)[..]
+        );
+    }
+    // A read larger than one request goes out in pieces over the connections and comes back whole.
+    let big = c.read(0, IoBuf::zeroed(4 * MIB as usize)).await.unwrap();
+    assert!(big[..] == back[..]);
+    Arc::try_unwrap(c).unwrap().disconnect().await;
+    wait_for(|| s.server.connections().len() == 1).await;
 }
 
 /// Overlapping requests pipelined on one connection take effect in arrival order (a trim followed at once by a

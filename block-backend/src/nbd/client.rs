@@ -4,7 +4,9 @@
 //! carries many requests at once: callers submit through a channel to a writer task (which batches frames
 //! into few syscalls), and a reader task matches replies to callers by handle, so replies may arrive in any
 //! order. Reads use structured replies when the server offers them (holes arrive as `OFFSET_HOLE` chunks and
-//! are zero-filled locally), and block status uses `base:allocation`.
+//! are zero-filled locally), and block status uses `base:allocation`. [`NbdClient::connect_multi`] opens
+//! several such connections to an export whose server advertises `NBD_FLAG_CAN_MULTI_CONN` and spreads
+//! requests over them round-robin; a flush then goes to one of them, which the flag makes cover all.
 //!
 //! The server is not trusted: the reader checks every reply before it touches a caller's buffer. A read's
 //! chunks must lie inside the request (offsets checked without overflow), must not overlap, and must cover all
@@ -20,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -236,14 +238,55 @@ struct ExportParams {
     description: Option<String>,
 }
 
-/// A connection to one NBD export, usable as a [`BlockDevice`].
+/// One connection's transmission machinery: the channel to its writer task, and the requests awaiting replies
+/// that its reader task completes.
+struct Conn {
+    tx: mpsc::UnboundedSender<Frame>,
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Conn {
+    /// Start the writer and reader tasks on a negotiated stream.
+    fn start<R, W>(r: BufReader<R>, w: W, meta_id: Option<u32>) -> Conn
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(w, rx, shared.clone()));
+        tokio::spawn(read_loop(r, shared.clone(), meta_id));
+        Conn {
+            tx,
+            shared,
+            writer: Mutex::new(Some(writer)),
+        }
+    }
+
+    fn is_dead(&self) -> bool {
+        self.shared.pending.lock().dead.is_some()
+    }
+
+    /// Send `NBD_CMD_DISC` after the frames already queued and wait for the socket to close.
+    async fn close(self) {
+        let writer = self.writer.lock().take();
+        drop(self.tx);
+        if let Some(w) = writer {
+            let _ = w.await;
+        }
+    }
+}
+
+/// A connection (or, with [`NbdClient::connect_multi`], several) to one NBD export, usable as a [`BlockDevice`].
 pub struct NbdClient {
     info: DeviceInfo,
     params: ExportParams,
     export: String,
-    tx: mpsc::UnboundedSender<Frame>,
-    shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// At least one; more only if the server advertised `NBD_FLAG_CAN_MULTI_CONN`.
+    conns: Vec<Conn>,
+    /// Round-robin position over `conns`.
+    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -258,25 +301,62 @@ impl std::fmt::Debug for NbdClient {
 impl NbdClient {
     /// Connect to `export` at `addr`.
     pub async fn connect(addr: &NbdAddr, export: &str) -> Result<Self, NbdError> {
-        match addr {
-            NbdAddr::Tcp(hp) => {
-                let s = TcpStream::connect(hp).await?;
-                s.set_nodelay(true)?;
-                let (r, w) = s.into_split();
-                Self::handshake(r, w, export).await
-            }
-            NbdAddr::Unix(p) => {
-                let s = UnixStream::connect(p).await?;
-                let (r, w) = s.into_split();
-                Self::handshake(r, w, export).await
-            }
-        }
+        let (params, conn) = open(addr, export).await?;
+        Ok(Self::from_conns(export, params, vec![conn]))
     }
 
     /// Connect using an NBD URI (`nbd://…`, `nbd+unix://…`).
     pub async fn connect_uri(uri: &str) -> Result<Self, NbdError> {
         let (addr, export) = NbdAddr::parse_uri(uri)?;
         Self::connect(&addr, &export).await
+    }
+
+    /// Connect to `export` with up to `n` connections, requests spread over them round-robin: one connection is
+    /// one TCP stream and, on a server like Shale's, one I/O thread, so several carry more I/O (what `nbdcopy
+    /// --connections` and qemu's `multi-conn` do).
+    ///
+    /// Extra connections are opened only if the server advertises `NBD_FLAG_CAN_MULTI_CONN`: the promise that a
+    /// flush on any connection makes durable every write completed on all of them, which is what lets
+    /// [`BlockDevice::flush`] go to just one. Otherwise this is [`NbdClient::connect`]. Every connection must
+    /// describe the export the same way (size, flags), or the call fails. A connection that dies later is
+    /// skipped while others live; its own in-flight requests fail.
+    pub async fn connect_multi(addr: &NbdAddr, export: &str, n: usize) -> Result<Self, NbdError> {
+        let (params, first) = open(addr, export).await?;
+        let mut conns = vec![first];
+        if params.flags & FLAG_CAN_MULTI_CONN != 0 {
+            while conns.len() < n {
+                let (p, c) = open(addr, export).await?;
+                if (p.size, p.flags, p.max_payload, p.meta_id.is_some())
+                    != (
+                        params.size,
+                        params.flags,
+                        params.max_payload,
+                        params.meta_id.is_some(),
+                    )
+                {
+                    for c in conns.into_iter().chain([c]) {
+                        c.close().await;
+                    }
+                    return Err(malformed(
+                        "multi-conn",
+                        "connections to the same export were described differently",
+                    ));
+                }
+                conns.push(c);
+            }
+        }
+        Ok(Self::from_conns(export, params, conns))
+    }
+
+    /// [`NbdClient::connect_multi`] with an NBD URI.
+    pub async fn connect_uri_multi(uri: &str, n: usize) -> Result<Self, NbdError> {
+        let (addr, export) = NbdAddr::parse_uri(uri)?;
+        Self::connect_multi(&addr, &export, n).await
+    }
+
+    /// How many connections carry this client's requests.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
     }
 
     /// Ask the server at `addr` for its exports: `(name, description)` pairs.
@@ -314,16 +394,18 @@ impl NbdClient {
     }
 
     /// Negotiate on an established byte stream and start the reader and writer tasks.
-    pub async fn handshake<R, W>(r: R, mut w: W, export: &str) -> Result<Self, NbdError>
+    pub async fn handshake<R, W>(r: R, w: W, export: &str) -> Result<Self, NbdError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let mut r = BufReader::with_capacity(256 << 10, r);
-        let no_zeroes = greet(&mut r, &mut w).await?;
-        let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
+        let (params, conn) = handshake_conn(r, w, export).await?;
+        Ok(Self::from_conns(export, params, vec![conn]))
+    }
+
+    fn from_conns(export: &str, params: ExportParams, conns: Vec<Conn>) -> Self {
         let min = params.min_block.max(1);
-        let block_size = if min < 512 && params.size % 512 == 0 {
+        let block_size = if min < 512 && params.size.is_multiple_of(512) {
             512
         } else {
             min
@@ -338,19 +420,14 @@ impl NbdClient {
             can_fast_zero: f & FLAG_SEND_FAST_ZERO != 0,
             can_multi_conn: f & FLAG_CAN_MULTI_CONN != 0,
         };
-        debug!(export, ?info, structured = params.structured, meta = ?params.meta_id, "NBD client connected");
-        let shared = Arc::new(Shared::default());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_loop(w, rx, shared.clone()));
-        tokio::spawn(read_loop(r, shared.clone(), params.meta_id));
-        Ok(NbdClient {
+        debug!(export, ?info, structured = params.structured, meta = ?params.meta_id, connections = conns.len(), "NBD client connected");
+        NbdClient {
             info,
             params,
             export: export.to_string(),
-            tx,
-            shared,
-            writer: Mutex::new(Some(writer)),
-        })
+            conns,
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// The export name this client selected.
@@ -386,11 +463,17 @@ impl NbdClient {
     /// Disconnect cleanly: send `NBD_CMD_DISC` after the requests already submitted and wait for the socket to
     /// close.
     pub async fn disconnect(self) {
-        let writer = self.writer.lock().take();
-        drop(self.tx);
-        if let Some(w) = writer {
-            let _ = w.await;
-        }
+        futures::future::join_all(self.conns.into_iter().map(Conn::close)).await;
+    }
+
+    /// The connection for the next request: round-robin, skipping dead ones while any lives.
+    fn conn(&self) -> &Conn {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.conns[(start + i) % n])
+            .find(|c| !c.is_dead())
+            .unwrap_or(&self.conns[start % n])
     }
 
     fn has(&self, flag: u16) -> bool {
@@ -406,10 +489,11 @@ impl NbdClient {
         payload: Option<IoBuf>,
         op: Op,
     ) -> Result<Done> {
-        let handle = self.shared.next_handle.fetch_add(1, Ordering::Relaxed);
+        let conn = self.conn();
+        let handle = conn.shared.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
-            let mut p = self.shared.pending.lock();
+            let mut p = conn.shared.pending.lock();
             if let Some(why) = &p.dead {
                 return Err(dead_error(why));
             }
@@ -429,8 +513,8 @@ impl NbdClient {
             offset,
             length,
         });
-        if self.tx.send(Frame { header, payload }).is_err() {
-            self.shared.pending.lock().map.remove(&handle);
+        if conn.tx.send(Frame { header, payload }).is_err() {
+            conn.shared.pending.lock().map.remove(&handle);
             return Err(BlockError::Shutdown);
         }
         rx.await.map_err(|_| BlockError::Shutdown)?
@@ -626,6 +710,39 @@ impl BlockDevice for NbdClient {
 
 // ---------------------------------------------------------------------------------------------------------
 // Negotiation.
+
+/// Open one connection to `export` at `addr` and negotiate.
+async fn open(addr: &NbdAddr, export: &str) -> Result<(ExportParams, Conn), NbdError> {
+    match addr {
+        NbdAddr::Tcp(hp) => {
+            let s = TcpStream::connect(hp).await?;
+            s.set_nodelay(true)?;
+            let (r, w) = s.into_split();
+            handshake_conn(r, w, export).await
+        }
+        NbdAddr::Unix(p) => {
+            let (r, w) = UnixStream::connect(p).await?.into_split();
+            handshake_conn(r, w, export).await
+        }
+    }
+}
+
+/// Negotiate on a byte stream, then start its transmission tasks.
+async fn handshake_conn<R, W>(
+    r: R,
+    mut w: W,
+    export: &str,
+) -> Result<(ExportParams, Conn), NbdError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut r = BufReader::with_capacity(256 << 10, r);
+    let no_zeroes = greet(&mut r, &mut w).await?;
+    let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
+    let conn = Conn::start(r, w, params.meta_id);
+    Ok((params, conn))
+}
 
 fn refused(option: &'static str, reply_type: u32, data: &[u8]) -> NbdError {
     let msg = String::from_utf8_lossy(data);
@@ -1268,7 +1385,13 @@ mod tests {
             assert_eq!((h.command, h.offset, h.length), (CMD_READ, 4096, 8192));
             s.write_all(&reply(h.handle)).await.expect("reply");
         };
-        tokio::join!(read(client, 4096, 8192), script).0
+        // Bounded as a whole: if the request never reaches this server (it went to another connection), the
+        // script would wait for it forever.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(read(client, 4096, 8192), script).0
+        })
+        .await
+        .expect("the request reached the scripted server and was answered")
     }
 
     /// Data at 8 KiB then a hole at 4 KiB: a whole, valid reply sent out of order.
@@ -1330,6 +1453,35 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[tokio::test]
+    async fn a_dead_connection_is_skipped_while_another_lives() {
+        let (a, s0) = scripted((1, 4096, 1 << 25)).await;
+        let (b, mut s1) = scripted((1, 4096, 1 << 25)).await;
+        let NbdClient { params, conns, .. } = a.expect("handshake");
+        let NbdClient { conns: more, .. } = b.expect("handshake");
+        let client = NbdClient::from_conns("x", params, conns.into_iter().chain(more).collect());
+        assert_eq!(client.connections(), 2);
+
+        drop(s0); // the first connection's server hangs up
+        for _ in 0..100 {
+            if client.conns[0].is_dead() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(client.conns[0].is_dead());
+        for _ in 0..4 {
+            exchange(&client, &mut s1, valid_reply)
+                .await
+                .expect("every request goes to the live connection");
+        }
+        drop(s1);
+        let err = read(&client, 0, 4096)
+            .await
+            .expect_err("no connection left");
+        assert!(err.to_string().contains("NBD connection lost"), "{err}");
     }
 
     #[tokio::test]
