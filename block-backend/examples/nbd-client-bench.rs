@@ -42,13 +42,18 @@ fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut val = |n: &str| it.next().ok_or_else(|| format!("{n} needs a value"));
-        let num = |v: String| v.parse::<u64>().map_err(|e| format!("bad number {v:?}: {e}"));
+        let num = |v: String| {
+            v.parse::<u64>()
+                .map_err(|e| format!("bad number {v:?}: {e}"))
+        };
         match arg.as_str() {
             "--rw" => {
                 a.write = match val("--rw")?.as_str() {
                     "randread" => false,
                     "randwrite" => true,
-                    other => return Err(format!("--rw must be randread or randwrite, not {other:?}")),
+                    other => {
+                        return Err(format!("--rw must be randread or randwrite, not {other:?}"))
+                    }
                 }
             }
             "--bs" => a.bs = num(val("--bs")?)? as usize,
@@ -61,9 +66,11 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     if a.uri.is_empty() {
-        return Err("usage: nbd-client-bench URI [--rw randread|randwrite] [--bs N] [--qd N] [--secs N] \
+        return Err(
+            "usage: nbd-client-bench URI [--rw randread|randwrite] [--bs N] [--qd N] [--secs N] \
                     [--connections N] [--workers N]"
-            .into());
+                .into(),
+        );
     }
     if a.bs == 0 || a.qd == 0 || a.connections == 0 || a.workers == 0 {
         return Err("--bs, --qd, --connections and --workers must be positive".into());
@@ -141,7 +148,13 @@ fn main() {
         let tasks: Vec<_> = (0..a.qd as u64)
             .map(|i| {
                 let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i + 1) | 1;
-                tokio::spawn(worker(c.clone(), a.clone(), seed, stop.clone(), done.clone()))
+                tokio::spawn(worker(
+                    c.clone(),
+                    a.clone(),
+                    seed,
+                    stop.clone(),
+                    done.clone(),
+                ))
             })
             .collect();
         let (t0, n0, cpu0) = (Instant::now(), done.load(Ordering::Relaxed), cpu_seconds());
