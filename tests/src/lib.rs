@@ -269,6 +269,26 @@ impl Daemon {
         run_shale(&self.socket, args)
     }
 
+    /// Create a small `thin` SR named `name` at `path` with a capacity and 64 KiB clusters: the setting of the
+    /// tests that fill an SR.
+    #[track_caller]
+    pub fn create_small_sr(&self, name: &str, path: &Path, capacity: &str) {
+        let path = path.display().to_string();
+        self.shale([
+            "sr",
+            "create",
+            "--name",
+            name,
+            "--path",
+            &path,
+            "--capacity",
+            capacity,
+            "--cluster-size",
+            "64K",
+        ])
+        .ok();
+    }
+
     /// The blake3 content digest of a VDI or snapshot (`shale vdi digest`): compares whole disks cheaply.
     pub fn digest(&self, vdi: &str) -> String {
         let v = self.shale(["--json", "vdi", "digest", vdi]).ok().json();

@@ -494,19 +494,7 @@ fn full_sr_fails_cleanly_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tmp.path().join("state"));
     let small = tmp.path().join("small");
-    d.shale([
-        "sr",
-        "create",
-        "--name",
-        "small",
-        "--path",
-        &s(&small),
-        "--capacity",
-        "4M",
-        "--cluster-size",
-        "64K",
-    ])
-    .ok();
+    d.create_small_sr("small", &small, "4M");
     let sr = d.shale(["--json", "sr", "show", "small"]).ok().json();
     assert_eq!(sr["capacity"], 4 << 20);
 

@@ -575,20 +575,7 @@ fn full_sr_is_enospc_over_nbd_and_flushed_writes_survive_kill_9() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let d = Daemon::start(&state);
-    let small = tmp.path().join("small").display().to_string();
-    d.shale([
-        "sr",
-        "create",
-        "--name",
-        "small",
-        "--path",
-        &small,
-        "--capacity",
-        "4M",
-        "--cluster-size",
-        "64K",
-    ])
-    .ok();
+    d.create_small_sr("small", &tmp.path().join("small"), "4M");
     for vdi in ["a", "b"] {
         d.shale([
             "vdi", "create", "--sr", "small", "--name", vdi, "--size", "64M",
