@@ -127,8 +127,9 @@ enum Op {
 /// buffer held before (stale or uninitialised data read as if it were the disk's).
 #[derive(Debug, Default)]
 struct Coverage {
-    /// Filled byte ranges `[start, end)` of the buffer, sorted, disjoint and not touching.
-    runs: Vec<(u64, u64)>,
+    /// Filled byte ranges `[start, end)` of the buffer, sorted, disjoint and not touching. Inline: a reply is
+    /// almost always one chunk, and this is built for every read.
+    runs: smallvec::SmallVec<[(u64, u64); 2]>,
     /// Bytes filled in all.
     total: u64,
 }
@@ -137,7 +138,7 @@ impl Coverage {
     /// A coverage of the whole of a `len`-byte buffer (a simple reply's data).
     fn whole(len: u64) -> Self {
         Coverage {
-            runs: vec![(0, len)],
+            runs: smallvec::smallvec![(0, len)],
             total: len,
         }
     }
@@ -469,6 +470,10 @@ impl NbdClient {
     /// The connection for the next request: round-robin, skipping dead ones while any lives.
     fn conn(&self) -> &Conn {
         let n = self.conns.len();
+        if n == 1 {
+            // The usual case: no choice, and `submit` reports a dead connection itself.
+            return &self.conns[0];
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| &self.conns[(start + i) % n])
@@ -1348,9 +1353,9 @@ mod tests {
         assert!(!c.add(11, 6), "overlaps [8, 12) and [16, 20)");
         assert!(!c.add(0, 100), "covers everything");
         assert!(c.add(4, 4), "fills the gap between [0, 4) and [8, 12)");
-        assert_eq!(c.runs, vec![(0, 12), (16, 20)]);
+        assert_eq!(c.runs.as_slice(), [(0, 12), (16, 20)]);
         assert!(c.add(12, 4));
-        assert_eq!((c.runs.clone(), c.total), (vec![(0, 20)], 20));
+        assert_eq!((c.runs.as_slice(), c.total), (&[(0, 20)][..], 20));
     }
 
     #[tokio::test]
