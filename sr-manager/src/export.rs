@@ -26,6 +26,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use async_trait::async_trait;
 use shale_block::nbd::{
     ConnectionInfo, Export, ExportSource, ExportSummary, ListenAddr, NbdServer, ServerConfig,
+    ServerTls, ServerTlsConfig, TlsPolicy,
 };
 use tracing::{debug, info, warn};
 
@@ -143,6 +144,20 @@ pub struct NbdOptions {
     /// `None` = the server's default, half the cores up to four, since on a hyperconverged host the clients
     /// (VMs, a loopback backup job) share the cores.
     pub io_threads: Option<usize>,
+    /// Serve TLS with these credentials: required on TCP, offered on the Unix socket (whose file permissions
+    /// already decide who connects). None: no TLS.
+    pub tls: Option<NbdTlsFiles>,
+}
+
+/// PEM files of the NBD server's TLS credentials.
+#[derive(Debug, Clone)]
+pub struct NbdTlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The certificate's private key.
+    pub key: PathBuf,
+    /// CA certificates that clients' certificates must chain to; None: clients need no certificate.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The daemon's NBD front end: the server over [`HostExports`] and its listeners.
@@ -150,6 +165,8 @@ pub struct NbdFrontend {
     server: NbdServer,
     unix: Option<ListenAddr>,
     tcp: Option<ListenAddr>,
+    /// TCP clients must use TLS (the URIs say `nbds://`).
+    tcp_tls: bool,
 }
 
 impl NbdFrontend {
@@ -160,6 +177,16 @@ impl NbdFrontend {
         if let Some(n) = opts.io_threads {
             config.io_threads = n;
         }
+        if let Some(t) = &opts.tls {
+            let creds = ServerTls::from_pem_files(&t.cert, &t.key, t.client_ca.as_deref())
+                .map_err(|e| SrError::InvalidArgument(format!("NBD TLS: {e}")))?;
+            config.tls = Some(ServerTlsConfig {
+                creds,
+                tcp: TlsPolicy::Require,
+                unix: TlsPolicy::Offer,
+            });
+        }
+        let tcp_tls = opts.tls.is_some();
         let server = NbdServer::with_source(config, Arc::new(HostExports::new(host)));
         let mut unix = None;
         if let Some(path) = &opts.unix {
@@ -190,9 +217,15 @@ impl NbdFrontend {
         info!(
             unix = ?unix.as_ref().map(|a| a.to_string()),
             tcp = ?tcp.as_ref().map(|a| a.to_string()),
+            tls = tcp_tls,
             "NBD exports served"
         );
-        Ok(Arc::new(NbdFrontend { server, unix, tcp }))
+        Ok(Arc::new(NbdFrontend {
+            server,
+            unix,
+            tcp,
+            tcp_tls,
+        }))
     }
 
     /// The underlying server.
@@ -200,22 +233,19 @@ impl NbdFrontend {
         &self.server
     }
 
-    /// The URIs a client uses to reach `export`: TCP first, then Unix.
+    /// The URIs a client uses to reach `export`: TCP first (`nbds://` when TLS is required there), then Unix.
     pub fn uris(&self, export: &str) -> Vec<String> {
-        self.tcp
-            .iter()
-            .chain(self.unix.iter())
-            .map(|a| a.uri(export))
-            .collect()
+        let tcp = self.tcp.iter().map(|a| a.uri_tls(export, self.tcp_tls));
+        tcp.chain(self.unix.iter().map(|a| a.uri(export))).collect()
     }
 
-    /// The listeners, as `tcp:ADDR` / `unix:PATH`.
+    /// The listeners, as `tcp:ADDR` / `unix:PATH` (`tcp+tls:ADDR` when TLS is required there).
     pub fn listeners(&self) -> Vec<String> {
-        self.tcp
-            .iter()
-            .chain(self.unix.iter())
-            .map(|a| a.to_string())
-            .collect()
+        let tcp = self.tcp.iter().map(|a| match self.tcp_tls {
+            true => format!("tcp+tls:{}", a.to_string().trim_start_matches("tcp:")),
+            false => a.to_string(),
+        });
+        tcp.chain(self.unix.iter().map(|a| a.to_string())).collect()
     }
 
     /// Stop accepting, close every connection once its in-flight requests are answered, and wait (bounded) for
@@ -264,7 +294,10 @@ impl NbdFrontend {
             export_names: names,
             read_only: r.vdi.read_only || r.vdi.kind == VdiKind::Snapshot,
             size: r.vdi.size,
-            tcp_uri: self.tcp.as_ref().map(|a| a.uri(&preferred)),
+            tcp_uri: self
+                .tcp
+                .as_ref()
+                .map(|a| a.uri_tls(&preferred, self.tcp_tls)),
             unix_uri: self.unix.as_ref().map(|a| a.uri(&preferred)),
             uris: self.uris(&preferred),
         })
@@ -316,5 +349,6 @@ fn connection_to_proto(c: ConnectionInfo) -> proto::NbdConnection {
         flushes: c.flushes,
         errors: c.errors,
         in_flight: c.in_flight,
+        tls: c.tls,
     }
 }

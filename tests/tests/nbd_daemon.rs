@@ -6,7 +6,8 @@
 //! write), `shale nbd list` connections, in-use refusal of destroy while a client is connected, export names
 //! (`NAME`, `SR/NAME`, UUID; ambiguous bare names refused), a clean daemon stop with a client connected,
 //! verified fio stress while snapshots are taken, destroyed and collected, and a full SR (ENOSPC to the client,
-//! the export still serving) followed by `kill -9` of the daemon (flushed and FUA writes survive).
+//! the export still serving) followed by `kill -9` of the daemon (flushed and FUA writes survive), and TLS
+//! (`nbds://`, client certificates) with certificates from `tools/nbd-tls-certs.sh`.
 //!
 //! A test whose client tool is missing prints `SKIP: ...` and passes.
 
@@ -155,8 +156,12 @@ struct Holder {
 
 impl Holder {
     fn open(uri: &str) -> Holder {
-        let child = Command::new("qemu-io")
-            .args(["-f", "raw", uri])
+        Holder::spawn(cmd("qemu-io", &["-f", "raw", uri]))
+    }
+
+    /// Run `qemu_io` (a `qemu-io` command without `-c`) interactively.
+    fn spawn(mut qemu_io: Command) -> Holder {
+        let child = qemu_io
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -631,4 +636,153 @@ fn full_sr_is_enospc_over_nbd_and_flushed_writes_survive_kill_9() {
     ));
     d.shale(["sr", "check", "small"]).ok();
     assert!(d.stop().success());
+}
+
+/// `qemu-img`/`qemu-io` arguments that open `export` at `hostport` over TLS with the certificates in `dir`:
+/// the `tls-creds-x509` object, and the image options that use it (qemu takes no `nbds://` URI).
+fn qemu_tls(dir: &Path, hostport: &str, export: &str) -> ([String; 2], String) {
+    let (host, port) = hostport.rsplit_once(':').expect("host:port");
+    (
+        [
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                dir.display()
+            ),
+        ],
+        format!(
+            "driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},tls-creds=tls0"
+        ),
+    )
+}
+
+/// NBD over TLS through the daemon, with certificates made by `tools/nbd-tls-certs.sh` and a client CA:
+/// `vdi export` prints `nbds://` for TCP; nbdcopy, nbdinfo and qemu-img/qemu-io connect over TLS with the CA and
+/// a client certificate; plain TCP clients, clients without a certificate and clients that do not trust the
+/// server's CA are refused while the daemon serves on; the Unix socket still serves plain clients; `shale nbd
+/// list` marks TLS connections.
+#[test]
+fn tls_exports_with_real_clients() {
+    if !(have("qemu-img")
+        && have("qemu-io")
+        && have("nbdinfo")
+        && have("nbdcopy")
+        && have("openssl"))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    let script = shale_tests::manifest_dir().join("../tools/nbd-tls-certs.sh");
+    run_ok(&mut cmd(
+        "bash",
+        &[&script.display().to_string(), &pki.display().to_string()],
+    ));
+    let p = |f: &str| pki.join(f).display().to_string();
+    let d = Daemon::start_with(
+        &tmp.path().join("state"),
+        &[
+            "--nbd-tls-cert",
+            &p("server-cert.pem"),
+            "--nbd-tls-key",
+            &p("server-key.pem"),
+            "--nbd-tls-client-ca",
+            &p("ca-cert.pem"),
+        ],
+    );
+    create_vdi(&d, "sec", "32M");
+    let uri = tcp_uri(&d, "sec");
+    let hostport = uri
+        .strip_prefix("nbds://")
+        .and_then(|r| r.strip_suffix("/sec"))
+        .unwrap_or_else(|| panic!("TCP URI should be nbds://: {uri}"))
+        .to_string();
+    let tls_uri = format!("{uri}?tls-certificates={}", pki.display());
+
+    // In with nbdcopy over TLS, compared by qemu-img over TLS, out again with nbdcopy.
+    let size = 32 * MIB;
+    let src = tmp.path().join("src.raw");
+    let content = sparse_image(&src, size, &[(0, MIB), (9 * MIB, 3 * MIB + 4096)], 7);
+    run_ok(&mut cmd("nbdcopy", &[&src.display().to_string(), &tls_uri]));
+    let (object, opts) = qemu_tls(&pki, &hostport, "sec");
+    let src_opts = format!("driver=raw,file.filename={}", src.display());
+    let out = run_ok(&mut cmd(
+        "qemu-img",
+        &[
+            "compare",
+            &object[0],
+            &object[1],
+            "--image-opts",
+            &src_opts,
+            &opts,
+        ],
+    ));
+    assert!(out.contains("identical"), "{out}");
+    let back = tmp.path().join("back.raw");
+    run_ok(&mut cmd(
+        "nbdcopy",
+        &[&tls_uri, &back.display().to_string()],
+    ));
+    assert!(
+        std::fs::read(&back).unwrap() == content,
+        "nbdcopy over TLS read back other bytes"
+    );
+    let info = run_ok(&mut cmd("nbdinfo", &[&tls_uri]));
+    assert!(
+        info.contains("with TLS") && info.contains("33554432"),
+        "{info}"
+    );
+
+    // A TLS client that stays connected shows up as such.
+    let qemu_io_tls = |commands: &[&str]| {
+        let mut args: Vec<&str> = vec![&object[0], &object[1], "--image-opts"];
+        for c in commands {
+            args.extend(["-c", c]);
+        }
+        args.push(&opts);
+        cmd("qemu-io", &args)
+    };
+    run_ok(&mut qemu_io_tls(&[
+        "write -P 0x5a 16M 64k",
+        "flush",
+        "read -P 0x5a 16M 64k",
+    ]));
+    let holder = Holder::spawn(qemu_io_tls(&[]));
+    wait_for("the TLS client to show in nbd list", || {
+        connections_to(&d, "local/sec")
+            .iter()
+            .any(|c| c["tls"] == true)
+    });
+    let text = d.shale(["nbd", "list"]).ok().stdout.clone();
+    assert!(text.contains("tcp+tls:") && text.contains("tls"), "{text}");
+    holder.close();
+
+    // Refused: a plain client on TCP; a TLS client without a client certificate; one that trusts another CA.
+    let plain = format!("nbd://{hostport}/sec");
+    let e = run_fails(&mut cmd("nbdinfo", &[&plain]));
+    assert!(e.to_lowercase().contains("tls"), "{e}");
+    let ca_only = tmp.path().join("ca-only");
+    std::fs::create_dir(&ca_only).unwrap();
+    std::fs::copy(pki.join("ca-cert.pem"), ca_only.join("ca-cert.pem")).unwrap();
+    run_fails(&mut cmd(
+        "nbdinfo",
+        &[&format!("{uri}?tls-certificates={}", ca_only.display())],
+    ));
+    let other = tmp.path().join("other-pki");
+    run_ok(&mut cmd(
+        "bash",
+        &[&script.display().to_string(), &other.display().to_string()],
+    ));
+    run_fails(&mut cmd(
+        "nbdinfo",
+        &[&format!("{uri}?tls-certificates={}", other.display())],
+    ));
+
+    // The Unix socket serves plain clients, and the daemon is still serving TLS.
+    run_ok(&mut qemu_io(
+        &unix_uri(&d, "sec"),
+        &["read -P 0x5a 16M 64k", "read -P 0 13M 3M"],
+    ));
+    let info = run_ok(&mut cmd("nbdinfo", &["--size", &tls_uri]));
+    assert_eq!(info.trim(), "33554432");
 }

@@ -71,6 +71,20 @@ pub struct ServeArgs {
     /// one thread, with its own io_uring ring; 0 serves them on the daemon's shared runtime instead.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
     pub nbd_io_threads: Option<u16>,
+
+    /// Serve NBD over TLS with this PEM certificate (chain), with --nbd-tls-key: TCP clients must then start
+    /// TLS (`nbds://` URIs); Unix-socket clients may. `tools/nbd-tls-certs.sh DIR` makes a test CA and
+    /// certificates.
+    #[arg(long, value_name = "PEM", requires = "nbd_tls_key")]
+    pub nbd_tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --nbd-tls-cert.
+    #[arg(long, value_name = "PEM", requires = "nbd_tls_cert")]
+    pub nbd_tls_key: Option<PathBuf>,
+
+    /// Accept only NBD TLS clients presenting a certificate signed by a CA in this PEM file.
+    #[arg(long, value_name = "PEM", requires = "nbd_tls_cert")]
+    pub nbd_tls_client_ca: Option<PathBuf>,
 }
 
 /// `shale nbd ...`.

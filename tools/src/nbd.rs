@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use shale_sr::export::{NbdOptions, NBD_SOCKET_NAME};
+use shale_sr::export::{NbdOptions, NbdTlsFiles, NBD_SOCKET_NAME};
 use shale_sr::proto;
 use shale_sr::size::format_size;
 
@@ -25,6 +25,14 @@ pub fn serve_options(args: &ServeArgs, state_dir: &Path) -> NbdOptions {
         ),
         tcp: (!args.no_nbd_tcp).then(|| args.nbd_listen.clone()),
         io_threads: args.nbd_io_threads.map(usize::from),
+        tls: match (&args.nbd_tls_cert, &args.nbd_tls_key) {
+            (Some(cert), Some(key)) => Some(NbdTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.nbd_tls_client_ca.clone(),
+            }),
+            _ => None,
+        },
     }
 }
 
@@ -100,6 +108,7 @@ fn list_text(r: &proto::NbdListReply) -> String {
                     c.export.clone()
                 },
                 output::utc(c.connected_at),
+                if c.tls { "tls" } else { "-" }.to_string(),
                 c.reads.to_string(),
                 format_size(c.bytes_read),
                 c.writes.to_string(),
@@ -116,6 +125,7 @@ fn list_text(r: &proto::NbdListReply) -> String {
             "PEER",
             "EXPORT",
             "CONNECTED",
+            "TLS",
             "READS",
             "READ",
             "WRITES",
@@ -162,6 +172,32 @@ mod tests {
         let o = serve_options(&serve(&["--no-nbd-tcp"]).unwrap(), Path::new("/st"));
         assert_eq!(o.tcp, None);
         assert!(serve(&["--no-nbd-tcp", "--nbd-listen", "127.0.0.1:1"]).is_err());
+        assert!(o.tls.is_none());
+    }
+
+    #[test]
+    fn serve_tls_flags_go_together() {
+        let a = serve(&[
+            "--nbd-tls-cert",
+            "/c.pem",
+            "--nbd-tls-key",
+            "/k.pem",
+            "--nbd-tls-client-ca",
+            "/ca.pem",
+        ])
+        .unwrap();
+        let t = serve_options(&a, Path::new("/st")).tls.unwrap();
+        assert_eq!(
+            (t.cert.as_path(), t.key.as_path(), t.client_ca.as_deref()),
+            (
+                Path::new("/c.pem"),
+                Path::new("/k.pem"),
+                Some(Path::new("/ca.pem"))
+            )
+        );
+        assert!(serve(&["--nbd-tls-cert", "/c.pem"]).is_err());
+        assert!(serve(&["--nbd-tls-key", "/k.pem"]).is_err());
+        assert!(serve(&["--nbd-tls-client-ca", "/ca.pem"]).is_err());
     }
 
     #[test]
@@ -189,12 +225,16 @@ mod tests {
                 peer: "127.0.0.1:5555".into(),
                 export: "local/a".into(),
                 reads: 7,
+                tls: true,
                 ..Default::default()
             }],
         };
         let t = list_text(&r);
         assert!(
-            t.contains("local/a") && t.contains("127.0.0.1:5555") && t.contains("1 MiB"),
+            t.contains("local/a")
+                && t.contains("127.0.0.1:5555")
+                && t.contains("1 MiB")
+                && t.contains("tls"),
             "{t}"
         );
     }

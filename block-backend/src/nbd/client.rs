@@ -7,6 +7,9 @@
 //! are zero-filled locally), and block status uses `base:allocation`. [`NbdClient::connect_multi`] opens
 //! several such connections to an export whose server advertises `NBD_FLAG_CAN_MULTI_CONN` and spreads
 //! requests over them round-robin; a flush then goes to one of them, which the flag makes cover all.
+//! [`NbdClient::connect_with`] can upgrade every connection to TLS ([`ConnectOptions::tls`]; `nbds://` URIs):
+//! `NBD_OPT_STARTTLS` goes first, and a server that refuses it ends the attempt rather than the client
+//! carrying on in the clear.
 //!
 //! The server is not trusted: the reader checks every reply before it touches a caller's buffer. A read's
 //! chunks must lie inside the request (offsets checked without overflow), must not overlap, and must cover all
@@ -35,6 +38,7 @@ use tracing::{debug, warn};
 
 use super::codec::{self, ClientOption, InfoReply, ProtocolError, ReplyHeader, RequestHeader};
 use super::proto::*;
+use super::tls::{self, ClientTls, TlsError};
 use super::NbdError;
 use crate::buf::IoBuf;
 use crate::device::{
@@ -59,45 +63,85 @@ pub enum NbdAddr {
 }
 
 impl NbdAddr {
-    /// Parse an NBD URI (`nbd://host[:port]/export`, `nbd+unix:///export?socket=/path`) into the address and
-    /// the export name.
+    /// Parse a plain NBD URI (`nbd://host[:port]/export`, `nbd+unix:///export?socket=/path`) into the address
+    /// and the export name. TLS URIs (`nbds://`, `nbds+unix://`) are refused here: they need credentials, see
+    /// [`NbdUri::parse`] and [`NbdClient::connect_uri_with`].
     pub fn parse_uri(uri: &str) -> Result<(NbdAddr, String), NbdError> {
-        let bad = |reason| NbdError::BadUri {
-            uri: uri.to_string(),
-            reason,
-        };
-        if let Some(rest) = uri.strip_prefix("nbd+unix://") {
-            let (path_part, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("missing ?socket="))?;
-            let export = path_part.strip_prefix('/').unwrap_or(path_part).to_string();
-            let socket = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .ok_or_else(|| bad("missing socket= parameter"))?;
-            return Ok((NbdAddr::Unix(PathBuf::from(socket)), export));
+        let u = NbdUri::parse(uri)?;
+        if u.tls {
+            return Err(NbdError::BadUri {
+                uri: uri.to_string(),
+                reason: "a TLS URI needs TLS credentials (NbdClient::connect_uri_with)",
+            });
         }
-        if let Some(rest) = uri.strip_prefix("nbd://") {
-            let (hostport, export) = match rest.split_once('/') {
-                Some((h, e)) => (h, e.to_string()),
-                None => (rest, String::new()),
-            };
-            if hostport.is_empty() {
-                return Err(bad("missing host"));
-            }
-            let has_port = match hostport.rfind(':') {
-                Some(i) => !hostport[i..].contains(']'),
-                None => false,
-            };
-            let hp = if has_port {
-                hostport.to_string()
-            } else {
-                format!("{hostport}:{DEFAULT_PORT}")
-            };
-            return Ok((NbdAddr::Tcp(hp), export));
-        }
-        Err(bad("scheme must be nbd:// or nbd+unix://"))
+        Ok((u.addr, u.export))
     }
+}
+
+/// A parsed NBD URI (the scheme of the NBD project's `doc/uri.md`, as qemu and libnbd read it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    /// Where the server listens.
+    pub addr: NbdAddr,
+    /// The export name (empty: the server's default export).
+    pub export: String,
+    /// The scheme asks for TLS (`nbds://`, `nbds+unix://`): the connection must upgrade or fail.
+    pub tls: bool,
+}
+
+impl NbdUri {
+    /// Parse `nbd[s]://host[:port]/export` or `nbd[s]+unix:///export?socket=/path`.
+    pub fn parse(uri: &str) -> Result<NbdUri, NbdError> {
+        let (tls, rest) = match uri.strip_prefix("nbds") {
+            Some(r) => (true, r),
+            None => (false, uri.strip_prefix("nbd").unwrap_or("")),
+        };
+        let (addr, export) = parse_after_scheme(uri, rest)?;
+        Ok(NbdUri { addr, export, tls })
+    }
+}
+
+/// The part of an NBD URI after `nbd`/`nbds`: `://host…` or `+unix://…`.
+fn parse_after_scheme(uri: &str, rest: &str) -> Result<(NbdAddr, String), NbdError> {
+    let bad = |reason| NbdError::BadUri {
+        uri: uri.to_string(),
+        reason,
+    };
+    if let Some(rest) = rest.strip_prefix("+unix://") {
+        let (path_part, query) = rest
+            .split_once('?')
+            .ok_or_else(|| bad("missing ?socket="))?;
+        let export = path_part.strip_prefix('/').unwrap_or(path_part).to_string();
+        let socket = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .ok_or_else(|| bad("missing socket= parameter"))?;
+        return Ok((NbdAddr::Unix(PathBuf::from(socket)), export));
+    }
+    if let Some(rest) = rest.strip_prefix("://") {
+        // Query parameters (libnbd's `tls-certificates=`, say) are not part of the export name.
+        let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+        let (hostport, export) = match rest.split_once('/') {
+            Some((h, e)) => (h, e.to_string()),
+            None => (rest, String::new()),
+        };
+        if hostport.is_empty() {
+            return Err(bad("missing host"));
+        }
+        let has_port = match hostport.rfind(':') {
+            Some(i) => !hostport[i..].contains(']'),
+            None => false,
+        };
+        let hp = if has_port {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:{DEFAULT_PORT}")
+        };
+        return Ok((NbdAddr::Tcp(hp), export));
+    }
+    Err(bad(
+        "scheme must be nbd://, nbds://, nbd+unix:// or nbds+unix://",
+    ))
 }
 
 /// A frame for the writer task.
@@ -239,6 +283,19 @@ struct ExportParams {
     description: Option<String>,
 }
 
+impl ExportParams {
+    /// Whether two connections describe the export the same way: multi-conn needs every connection to see
+    /// the same size, flags, request limit and block status.
+    fn same_export(&self, o: &ExportParams) -> bool {
+        (
+            self.size,
+            self.flags,
+            self.max_payload,
+            self.meta_id.is_some(),
+        ) == (o.size, o.flags, o.max_payload, o.meta_id.is_some())
+    }
+}
+
 /// One connection's transmission machinery: the channel to its writer task, and the requests awaiting replies
 /// that its reader task completes.
 struct Conn {
@@ -302,8 +359,7 @@ impl std::fmt::Debug for NbdClient {
 impl NbdClient {
     /// Connect to `export` at `addr`.
     pub async fn connect(addr: &NbdAddr, export: &str) -> Result<Self, NbdError> {
-        let (params, conn) = open(addr, export).await?;
-        Ok(Self::from_conns(export, params, vec![conn]))
+        Self::connect_with(addr, export, &ConnectOptions::default()).await
     }
 
     /// Connect using an NBD URI (`nbd://…`, `nbd+unix://…`).
@@ -312,29 +368,18 @@ impl NbdClient {
         Self::connect(&addr, &export).await
     }
 
-    /// Connect to `export` with up to `n` connections, requests spread over them round-robin: one connection is
-    /// one TCP stream and, on a server like Shale's, one I/O thread, so several carry more I/O (what `nbdcopy
-    /// --connections` and qemu's `multi-conn` do).
-    ///
-    /// Extra connections are opened only if the server advertises `NBD_FLAG_CAN_MULTI_CONN`: the promise that a
-    /// flush on any connection makes durable every write completed on all of them, which is what lets
-    /// [`BlockDevice::flush`] go to just one. Otherwise this is [`NbdClient::connect`]. Every connection must
-    /// describe the export the same way (size, flags), or the call fails. A connection that dies later is
-    /// skipped while others live; its own in-flight requests fail.
-    pub async fn connect_multi(addr: &NbdAddr, export: &str, n: usize) -> Result<Self, NbdError> {
-        let (params, first) = open(addr, export).await?;
+    /// Connect with `opts`: TLS and how many connections (see [`NbdClient::connect_multi`]).
+    pub async fn connect_with(
+        addr: &NbdAddr,
+        export: &str,
+        opts: &ConnectOptions,
+    ) -> Result<Self, NbdError> {
+        let (params, first) = open(addr, export, opts.tls.as_ref()).await?;
         let mut conns = vec![first];
         if params.flags & FLAG_CAN_MULTI_CONN != 0 {
-            while conns.len() < n {
-                let (p, c) = open(addr, export).await?;
-                if (p.size, p.flags, p.max_payload, p.meta_id.is_some())
-                    != (
-                        params.size,
-                        params.flags,
-                        params.max_payload,
-                        params.meta_id.is_some(),
-                    )
-                {
+            while conns.len() < opts.connections {
+                let (p, c) = open(addr, export, opts.tls.as_ref()).await?;
+                if !p.same_export(&params) {
                     for c in conns.into_iter().chain([c]) {
                         c.close().await;
                     }
@@ -347,6 +392,36 @@ impl NbdClient {
             }
         }
         Ok(Self::from_conns(export, params, conns))
+    }
+
+    /// Connect using any NBD URI with `opts`. A TLS URI (`nbds://`, `nbds+unix://`) needs `opts.tls`, and with
+    /// `opts.tls` set every connection upgrades to TLS (or fails), whatever the scheme.
+    pub async fn connect_uri_with(uri: &str, opts: &ConnectOptions) -> Result<Self, NbdError> {
+        let u = NbdUri::parse(uri)?;
+        if u.tls && opts.tls.is_none() {
+            return Err(NbdError::BadUri {
+                uri: uri.to_string(),
+                reason: "a TLS URI needs TLS credentials (ConnectOptions::tls)",
+            });
+        }
+        Self::connect_with(&u.addr, &u.export, opts).await
+    }
+
+    /// Connect to `export` with up to `n` connections, requests spread over them round-robin: one connection is
+    /// one TCP stream and, on a server like Shale's, one I/O thread, so several carry more I/O (what `nbdcopy
+    /// --connections` and qemu's `multi-conn` do).
+    ///
+    /// Extra connections are opened only if the server advertises `NBD_FLAG_CAN_MULTI_CONN`: the promise that a
+    /// flush on any connection makes durable every write completed on all of them, which is what lets
+    /// [`BlockDevice::flush`] go to just one. Otherwise this is [`NbdClient::connect`]. Every connection must
+    /// describe the export the same way (size, flags), or the call fails. A connection that dies later is
+    /// skipped while others live; its own in-flight requests fail.
+    pub async fn connect_multi(addr: &NbdAddr, export: &str, n: usize) -> Result<Self, NbdError> {
+        let opts = ConnectOptions {
+            connections: n,
+            ..Default::default()
+        };
+        Self::connect_with(addr, export, &opts).await
     }
 
     /// [`NbdClient::connect_multi`] with an NBD URI.
@@ -400,7 +475,7 @@ impl NbdClient {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (params, conn) = handshake_conn(r, w, export).await?;
+        let (params, conn) = handshake_conn(r, w, export, None).await?;
         Ok(Self::from_conns(export, params, vec![conn]))
     }
 
@@ -713,37 +788,97 @@ impl BlockDevice for NbdClient {
     }
 }
 
+/// How [`NbdClient::connect_with`] connects.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Upgrade every connection to TLS with these settings (`NBD_OPT_STARTTLS` first, before any other
+    /// option); a server that refuses ends the attempt rather than carrying on in the clear.
+    pub tls: Option<ClientTls>,
+    /// Open up to this many connections when the server advertises multi-conn (at least one is opened).
+    pub connections: usize,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            tls: None,
+            connections: 1,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Negotiation.
 
-/// Open one connection to `export` at `addr` and negotiate.
-async fn open(addr: &NbdAddr, export: &str) -> Result<(ExportParams, Conn), NbdError> {
+/// Read-buffer size of a connection.
+const READ_BUFFER: usize = 256 << 10;
+
+/// Open one connection to `export` at `addr` and negotiate (over TLS with `tls`).
+async fn open(
+    addr: &NbdAddr,
+    export: &str,
+    tls: Option<&ClientTls>,
+) -> Result<(ExportParams, Conn), NbdError> {
     match addr {
         NbdAddr::Tcp(hp) => {
             let s = TcpStream::connect(hp).await?;
             s.set_nodelay(true)?;
             let (r, w) = s.into_split();
-            handshake_conn(r, w, export).await
+            let tls = tls.map(|t| (t, Some(tls::host_of(hp))));
+            handshake_conn(r, w, export, tls).await
         }
         NbdAddr::Unix(p) => {
             let (r, w) = UnixStream::connect(p).await?.into_split();
-            handshake_conn(r, w, export).await
+            handshake_conn(r, w, export, tls.map(|t| (t, None))).await
         }
     }
 }
 
-/// Negotiate on a byte stream, then start its transmission tasks.
+/// Negotiate on a byte stream (upgrading it to TLS first with `tls`: the settings and the host connected to),
+/// then start its transmission tasks.
 async fn handshake_conn<R, W>(
     r: R,
     mut w: W,
     export: &str,
+    tls: Option<(&ClientTls, Option<&str>)>,
 ) -> Result<(ExportParams, Conn), NbdError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut r = BufReader::with_capacity(256 << 10, r);
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
     let no_zeroes = greet(&mut r, &mut w).await?;
+    let Some((tls, host)) = tls else {
+        let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
+        let conn = Conn::start(r, w, params.meta_id);
+        return Ok((params, conn));
+    };
+    let name = tls.name_for(host)?;
+    // STARTTLS first, so that no option travels in the clear; any answer but ACK ends the attempt (the spec:
+    // a client that wants TLS terminates rather than continue without it).
+    send_option(&mut w, &ClientOption::StartTls).await?;
+    let (h, data) = read_option_reply(&mut r).await?;
+    if h.reply_type != REP_ACK {
+        return Err(TlsError::Handshake(format!(
+            "the server refused STARTTLS (reply {:#x}: {})",
+            h.reply_type,
+            String::from_utf8_lossy(&data)
+        ))
+        .into());
+    }
+    if !r.buffer().is_empty() {
+        return Err(malformed(
+            "STARTTLS",
+            "the server sent cleartext after acknowledging STARTTLS",
+        ));
+    }
+    let joined = tls::Joined {
+        rd: r.into_inner(),
+        wr: w,
+    };
+    let stream = tls.connect(name, joined).await?;
+    let (r, mut w) = tokio::io::split(stream);
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
     let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
     let conn = Conn::start(r, w, params.meta_id);
     Ok((params, conn))
@@ -1577,5 +1712,28 @@ mod tests {
         );
         assert!(NbdAddr::parse_uri("http://x").is_err());
         assert!(NbdAddr::parse_uri("nbd+unix:///x").is_err());
+        assert!(NbdAddr::parse_uri("nbdx://host/x").is_err());
+        // TLS schemes: parsed by NbdUri, refused where no credentials can be given.
+        assert_eq!(
+            NbdUri::parse("nbds://h:1/v?tls-certificates=/pki").unwrap(),
+            NbdUri {
+                addr: NbdAddr::Tcp("h:1".into()),
+                export: "v".into(),
+                tls: true
+            }
+        );
+        assert_eq!(
+            NbdUri::parse("nbds+unix:///v?socket=/s&tls-certificates=/pki").unwrap(),
+            NbdUri {
+                addr: NbdAddr::Unix("/s".into()),
+                export: "v".into(),
+                tls: true
+            }
+        );
+        assert!(!NbdUri::parse("nbd://h/v").unwrap().tls);
+        assert!(matches!(
+            NbdAddr::parse_uri("nbds://h/v"),
+            Err(NbdError::BadUri { .. })
+        ));
     }
 }

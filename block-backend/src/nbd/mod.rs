@@ -8,7 +8,8 @@
 //! - [`server`]: [`NbdServer`], an export registry plus Unix and TCP listeners, many connections, many requests
 //!   in flight per connection with out-of-order replies, structured replies with holes, `base:allocation`;
 //! - [`client`]: [`NbdClient`], a [`BlockDevice`] backed by a remote export (used for remote VM disks and for
-//!   testing the server against itself), with many requests in flight over one connection.
+//!   testing the server against itself), with many requests in flight over one connection;
+//! - [`tls`]: `NBD_OPT_STARTTLS` on both ends (X.509 certificates, rustls).
 //!
 //! The crate-level `nbd` crate on crates.io cannot serve here: it disconnects on options libnbd clients send and
 //! has neither structured replies nor block status.
@@ -19,13 +20,15 @@ pub mod client;
 pub mod codec;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
-pub use client::{NbdAddr, NbdClient};
+pub use client::{ConnectOptions, NbdAddr, NbdClient, NbdUri};
 pub use codec::ProtocolError;
 pub use server::{
     ConnectionInfo, Export, ExportRegistry, ExportSource, ExportSummary, ListenAddr, Listener,
-    NbdServer, ServerConfig,
+    NbdServer, ServerConfig, ServerTlsConfig,
 };
+pub use tls::{ClientTls, ServerTls, TlsError, TlsPolicy};
 
 use std::io;
 
@@ -63,4 +66,7 @@ pub enum NbdError {
     /// The handshake did not complete in time.
     #[error("NBD handshake timed out")]
     Timeout,
+    /// TLS could not be set up or negotiated.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }

@@ -15,6 +15,13 @@
 //! - In-flight work per connection is bounded by a semaphore counted in 4 KiB units of payload (at least one
 //!   per request), so a client cannot make the server buffer unbounded data.
 //!
+//! # TLS
+//! With [`ServerConfig::tls`], `NBD_OPT_STARTTLS` upgrades a connection in place ([`super::tls`]): the handshake
+//! is acknowledged, the TLS handshake runs on the same socket (its halves joined), and option haggling starts
+//! over with nothing negotiated in the clear carried over. Listeners that require TLS refuse every other option
+//! with `NBD_REP_ERR_TLS_REQD` and hang up on `NBD_OPT_EXPORT_NAME`. A TLS connection's transmission runs the
+//! same pipeline over the TLS stream's halves; only the TLS handshake and session are extra.
+//!
 //! # Request life cycle
 //! `read 28-byte header → codec::decode_request (parse + validate) → acquire in-flight budget → read payload →
 //! queue the execute future → reply to the writer → writer sends and releases the budget`. A refused request is answered
@@ -50,6 +57,7 @@ use tracing::{debug, info, warn};
 
 use super::codec::{self, ClientOption, Command, InfoReply, Negotiated, ProtocolError, Request};
 use super::proto::*;
+use super::tls::{Joined, ServerTls, TlsPolicy};
 use super::NbdError;
 use crate::buf::IoBuf;
 use crate::device::{BlockDevice, DeviceInfo, Extent, ExtentKind};
@@ -266,6 +274,23 @@ pub struct ServerConfig {
     /// connection on one of them start to finish with its data I/O on that thread's own ring. 0 serves them on
     /// the runtime that accepted them, with data I/O through the shared engine's ring thread.
     pub io_threads: usize,
+    /// TLS credentials and which listeners require TLS; None serves without TLS (`STARTTLS` is refused).
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// The server's TLS credentials and, per kind of listener, whether TLS is required or only offered.
+///
+/// The spec lets a server choose its TLS mode per connection as long as it keeps it for the connection's life;
+/// Shale chooses by listener, because a Unix socket is already guarded by its file's permissions and local
+/// tools (qemu-img, a backup job on the host) should not need certificates, while TCP reaches other hosts.
+#[derive(Debug, Clone)]
+pub struct ServerTlsConfig {
+    /// Certificate, key and optional client CA.
+    pub creds: ServerTls,
+    /// Policy for TCP connections.
+    pub tcp: TlsPolicy,
+    /// Policy for Unix-socket connections (and [`NbdServer::serve_stream`]).
+    pub unix: TlsPolicy,
 }
 
 impl Default for ServerConfig {
@@ -277,6 +302,7 @@ impl Default for ServerConfig {
             sparse_read_min: 64 << 10,
             read_buffer: 256 << 10,
             io_threads: crate::iothread::default_threads(),
+            tls: None,
         }
     }
 }
@@ -293,9 +319,15 @@ pub enum ListenAddr {
 impl ListenAddr {
     /// The URI a client (qemu, libnbd tools, [`super::NbdClient::connect_uri`]) uses to reach `export` here.
     pub fn uri(&self, export: &str) -> String {
+        self.uri_tls(export, false)
+    }
+
+    /// [`ListenAddr::uri`], with the TLS scheme (`nbds://`, `nbds+unix://`) when `tls`.
+    pub fn uri_tls(&self, export: &str, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         match self {
-            ListenAddr::Tcp(a) => format!("nbd://{a}/{export}"),
-            ListenAddr::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+            ListenAddr::Tcp(a) => format!("nbd{s}://{a}/{export}"),
+            ListenAddr::Unix(p) => format!("nbd{s}+unix:///{export}?socket={}", p.display()),
         }
     }
 }
@@ -350,6 +382,8 @@ pub struct ConnectionInfo {
     pub connected_at: SystemTime,
     /// Structured replies negotiated.
     pub structured: bool,
+    /// The connection runs over TLS.
+    pub tls: bool,
     /// Read requests served.
     pub reads: u64,
     /// Write requests served (write, trim, write-zeroes).
@@ -383,6 +417,7 @@ struct ConnState {
     connected_at: SystemTime,
     export: Mutex<Option<String>>,
     structured: std::sync::atomic::AtomicBool,
+    tls: std::sync::atomic::AtomicBool,
     counters: ConnCounters,
     kick: Notify,
 }
@@ -396,6 +431,7 @@ impl ConnState {
             export: self.export.lock().clone(),
             connected_at: self.connected_at,
             structured: self.structured.load(Ordering::Relaxed),
+            tls: self.tls.load(Ordering::Relaxed),
             reads: c.reads.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
             bytes_read: c.bytes_read.load(Ordering::Relaxed),
@@ -584,7 +620,7 @@ impl NbdServer {
                             if let Err(e) = s.set_nodelay(true) {
                                 debug!(%peer, error = %e, "TCP_NODELAY failed");
                             }
-                            server.dispatch(s, format!("tcp:{peer}"), |s| tokio::net::TcpStream::from_std(s).map(|s| s.into_split()));
+                            server.dispatch(s, format!("tcp:{peer}"), Transport::Tcp, |s| tokio::net::TcpStream::from_std(s).map(|s| s.into_split()));
                         }
                         Err(e) => {
                             warn!(error = %e, "NBD accept failed");
@@ -628,7 +664,7 @@ impl NbdServer {
                     _ = stopped(&mut stop) => break,
                     r = l.accept() => match r {
                         Ok((s, _)) => {
-                            server.dispatch(s, "unix".into(), |s| tokio::net::UnixStream::from_std(s).map(|s| s.into_split()));
+                            server.dispatch(s, "unix".into(), Transport::Unix, |s| tokio::net::UnixStream::from_std(s).map(|s| s.into_split()));
                         }
                         Err(e) => {
                             warn!(error = %e, "NBD accept failed");
@@ -666,8 +702,13 @@ impl NbdServer {
     }
 
     /// Serve an accepted socket: on an I/O thread when there are any, else on this runtime.
-    fn dispatch<S, R, W>(&self, stream: S, peer: String, rebuild: fn(S::Std) -> io::Result<(R, W)>)
-    where
+    fn dispatch<S, R, W>(
+        &self,
+        stream: S,
+        peer: String,
+        transport: Transport,
+        rebuild: fn(S::Std) -> io::Result<(R, W)>,
+    ) where
         S: IntoStd,
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -683,7 +724,7 @@ impl NbdServer {
         let server = self.clone();
         let serve = async move {
             match rebuild(std) {
-                Ok((rd, wr)) => server.serve_split(rd, wr, peer).await,
+                Ok((rd, wr)) => server.serve_split(rd, wr, peer, transport).await,
                 Err(e) => warn!(error = %e, "NBD connection setup failed"),
             }
         };
@@ -693,7 +734,8 @@ impl NbdServer {
         }
     }
 
-    /// Serve one already-accepted connection (any byte stream: a socketpair, a TLS stream) until it ends.
+    /// Serve one already-accepted connection (any byte stream: a socketpair, a tunnel) until it ends. TLS, when
+    /// configured, follows the Unix-socket policy.
     ///
     /// Generic, so the connection pipeline is compiled in the calling crate, at that crate's opt-level (see the
     /// workspace `Cargo.toml`): the listeners use the non-generic paths instead, and so should a data-path caller.
@@ -702,10 +744,24 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (rd, wr) = tokio::io::split(stream);
-        self.serve_split(rd, wr, peer).await
+        self.serve_split(rd, wr, peer, Transport::Unix).await
     }
 
-    async fn serve_split<R, W>(&self, rd: R, wr: W, peer: String)
+    /// The TLS policy and credentials for a connection over `transport`.
+    fn tls_for(&self, transport: Transport) -> (TlsPolicy, Option<&ServerTls>) {
+        match &self.inner.config.tls {
+            None => (TlsPolicy::Off, None),
+            Some(t) => {
+                let policy = match transport {
+                    Transport::Tcp => t.tcp,
+                    Transport::Unix => t.unix,
+                };
+                (policy, (policy != TlsPolicy::Off).then_some(&t.creds))
+            }
+        }
+    }
+
+    async fn serve_split<R, W>(&self, rd: R, wr: W, peer: String, transport: Transport)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -717,6 +773,7 @@ impl NbdServer {
             connected_at: SystemTime::now(),
             export: Mutex::new(None),
             structured: Default::default(),
+            tls: Default::default(),
             counters: ConnCounters::default(),
             kick: Notify::new(),
         });
@@ -725,28 +782,133 @@ impl NbdServer {
             state.kick.notify_one();
         }
         debug!(conn = id, peer = %state.peer, "NBD connection opened");
+        let deadline = tokio::time::Instant::now() + self.inner.config.handshake_timeout;
+        let (policy, creds) = self.tls_for(transport);
         let mut rd = BufReader::with_capacity(self.inner.config.read_buffer, rd);
         let mut wr = wr;
-        let hs = tokio::select! {
-            r = tokio::time::timeout(self.inner.config.handshake_timeout, handshake(&self.inner, &state, &mut rd, &mut wr)) => {
-                match r {
-                    Ok(r) => r,
-                    Err(_) => Err(NbdError::Timeout),
-                }
+        let hs = bounded(&state, deadline, async {
+            let cflags = greet(&mut rd, &mut wr).await?;
+            let stage = match policy {
+                TlsPolicy::Off => TlsStage::Unavailable,
+                TlsPolicy::Offer => TlsStage::Offered,
+                TlsPolicy::Require => TlsStage::Required,
+            };
+            negotiate(&self.inner, &state, &mut rd, &mut wr, cflags, stage).await
+        })
+        .await;
+        match (hs, creds) {
+            (Ok(Some(HandshakeEnd::Session(session))), _) => {
+                self.transmit(&state, session, rd, wr).await;
             }
-            _ = state.kick.notified() => Ok(None),
-        };
-        match hs {
-            Ok(Some(session)) => {
-                info!(conn = id, peer = %state.peer, export = %session.export.name, "NBD client entered transmission");
-                transmission(&self.inner, &state, session, rd, wr).await;
+            (Ok(Some(HandshakeEnd::StartTls(cflags))), Some(creds)) => {
+                self.serve_tls(&state, creds, deadline, cflags, rd, wr)
+                    .await;
             }
-            Ok(None) => {}
-            Err(e) => debug!(conn = id, error = %e, "NBD handshake ended"),
+            (Ok(_), _) => {}
+            (Err(e), _) => debug!(conn = id, error = %e, "NBD handshake ended"),
         }
         self.inner.conns.lock().remove(&id);
         self.inner.conn_closed.notify_waiters();
         debug!(conn = id, "NBD connection closed");
+    }
+
+    /// After `STARTTLS` was acknowledged: the TLS handshake on the same connection, then option haggling over
+    /// TLS from the start (nothing negotiated in the clear carries over), then transmission.
+    async fn serve_tls<R, W>(
+        &self,
+        state: &Arc<ConnState>,
+        creds: &ServerTls,
+        deadline: tokio::time::Instant,
+        cflags: codec::ClientFlags,
+        rd: BufReader<R>,
+        wr: W,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        // The client waits for our ACK before its TLS hello: bytes already buffered were sent in the clear after
+        // STARTTLS, which the spec forbids (and which an attacker could have injected).
+        if !rd.buffer().is_empty() {
+            debug!(
+                conn = state.id,
+                bytes = rd.buffer().len(),
+                "NBD client sent cleartext after STARTTLS; closing"
+            );
+            return;
+        }
+        let joined = Joined {
+            rd: rd.into_inner(),
+            wr,
+        };
+        let stream = match bounded(state, deadline, async {
+            creds.accept(joined).await.map_err(NbdError::from)
+        })
+        .await
+        {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                info!(conn = state.id, peer = %state.peer, error = %e, "NBD TLS handshake failed");
+                return;
+            }
+        };
+        state.tls.store(true, Ordering::Relaxed);
+        state.structured.store(false, Ordering::Relaxed);
+        let (rd, mut wr) = tokio::io::split(stream);
+        let mut rd = BufReader::with_capacity(self.inner.config.read_buffer, rd);
+        let hs = bounded(
+            state,
+            deadline,
+            negotiate(
+                &self.inner,
+                state,
+                &mut rd,
+                &mut wr,
+                cflags,
+                TlsStage::Active,
+            ),
+        )
+        .await;
+        match hs {
+            Ok(Some(HandshakeEnd::Session(session))) => self.transmit(state, session, rd, wr).await,
+            Ok(_) => {}
+            Err(e) => debug!(conn = state.id, error = %e, "NBD handshake over TLS ended"),
+        }
+    }
+
+    async fn transmit<R, W>(
+        &self,
+        state: &Arc<ConnState>,
+        session: Session,
+        rd: BufReader<R>,
+        wr: W,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        info!(conn = state.id, peer = %state.peer, export = %session.export.name, tls = state.tls.load(Ordering::Relaxed), "NBD client entered transmission");
+        transmission(&self.inner, state, session, rd, wr).await;
+    }
+}
+
+/// What kind of listener a connection came from (each has its own TLS policy).
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Tcp,
+    Unix,
+}
+
+/// Run a handshake step until the connection's handshake deadline, or until the connection is kicked (server
+/// shutdown, export removed), which ends it quietly.
+/// `Ok(None)` means kicked.
+async fn bounded<T>(
+    state: &ConnState,
+    deadline: tokio::time::Instant,
+    step: impl Future<Output = Result<T, NbdError>>,
+) -> Result<Option<T>, NbdError> {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, step) => r.unwrap_or(Err(NbdError::Timeout)).map(Some),
+        _ = state.kick.notified() => Ok(None),
     }
 }
 
@@ -835,12 +997,31 @@ fn match_contexts(queries: &[String]) -> bool {
     queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
 }
 
-async fn handshake<R, W>(
-    inner: &Inner,
-    state: &ConnState,
-    rd: &mut BufReader<R>,
-    wr: &mut W,
-) -> Result<Option<Session>, NbdError>
+/// How option haggling ended.
+enum HandshakeEnd {
+    /// The client chose an export: on to transmission.
+    Session(Session),
+    /// `STARTTLS` was acknowledged: the TLS handshake comes next (the client's flags carry over).
+    StartTls(codec::ClientFlags),
+    /// The client aborted, or asked for something that can only be answered by hanging up.
+    Closed,
+}
+
+/// Where a connection stands with TLS during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsStage {
+    /// The server has no TLS for this connection.
+    Unavailable,
+    /// TLS may be started; options are served in the clear meanwhile.
+    Offered,
+    /// TLS must be started before anything else.
+    Required,
+    /// TLS is running.
+    Active,
+}
+
+/// Send the greeting and read the client's flags.
+async fn greet<R, W>(rd: &mut BufReader<R>, wr: &mut W) -> Result<codec::ClientFlags, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -848,7 +1029,33 @@ where
     let offered = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
     wr.write_all(&codec::encode_greeting(offered)).await?;
     wr.flush().await?;
-    let cflags = codec::decode_client_flags(rd.read_u32().await?, offered)?;
+    Ok(codec::decode_client_flags(rd.read_u32().await?, offered)?)
+}
+
+/// Option haggling, from the first option (or the first after the TLS handshake) to the end of the handshake.
+async fn negotiate<R, W>(
+    inner: &Inner,
+    state: &ConnState,
+    rd: &mut BufReader<R>,
+    wr: &mut W,
+    cflags: codec::ClientFlags,
+    mut tls: TlsStage,
+) -> Result<HandshakeEnd, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The spec allows TLS only after fixed newstyle negotiation; a client without it cannot be made to upgrade.
+    if !cflags.fixed_newstyle && tls == TlsStage::Required {
+        info!(
+            conn = state.id,
+            "NBD client without fixed newstyle cannot start the TLS this server requires"
+        );
+        return Ok(HandshakeEnd::Closed);
+    }
+    if !cflags.fixed_newstyle {
+        tls = TlsStage::Unavailable;
+    }
     let mut structured = false;
     // (canonical export name, base:allocation selected)
     let mut meta: Option<(String, bool)> = None;
@@ -883,12 +1090,32 @@ where
             wr.flush().await?;
             continue;
         }
+        if tls == TlsStage::Required && !matches!(opt, ClientOption::StartTls | ClientOption::Abort)
+        {
+            if matches!(opt, ClientOption::ExportName(_)) {
+                // EXPORT_NAME cannot be refused, and TLS is required: the spec says to hang up.
+                info!(
+                    conn = state.id,
+                    "NBD client asked for an export without the TLS this server requires"
+                );
+                return Ok(HandshakeEnd::Closed);
+            }
+            send_rep(
+                wr,
+                option,
+                REP_ERR_TLS_REQD,
+                b"this server requires TLS: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            wr.flush().await?;
+            continue;
+        }
         match opt {
             ClientOption::ExportName(name) => {
                 let Some(export) = inner.source.lookup(&name).await else {
                     // EXPORT_NAME cannot be answered with an error: the spec says to hang up.
                     info!(conn = state.id, export = %name, "NBD client asked for an unknown export");
-                    return Ok(None);
+                    return Ok(HandshakeEnd::Closed);
                 };
                 let info = export.device.info();
                 let flags = transmission_flags(&export, &info, structured);
@@ -897,7 +1124,7 @@ where
                 wr.write_all(&v).await?;
                 wr.flush().await?;
                 let block_status = matches!(&meta, Some((n, true)) if *n == export.name);
-                return Ok(Some(session(
+                return Ok(HandshakeEnd::Session(session(
                     inner,
                     state,
                     export,
@@ -910,7 +1137,7 @@ where
             ClientOption::Abort => {
                 let _ = send_rep(wr, option, REP_ACK, &[]).await;
                 let _ = wr.flush().await;
-                return Ok(None);
+                return Ok(HandshakeEnd::Closed);
             }
             ClientOption::List => {
                 for e in inner.source.list().await {
@@ -924,15 +1151,25 @@ where
                 }
                 send_rep(wr, option, REP_ACK, &[]).await?;
             }
-            ClientOption::StartTls => {
-                send_rep(
-                    wr,
-                    option,
-                    REP_ERR_POLICY,
-                    b"TLS is not supported by this server",
-                )
-                .await?;
-            }
+            ClientOption::StartTls => match tls {
+                TlsStage::Unavailable => {
+                    send_rep(
+                        wr,
+                        option,
+                        REP_ERR_POLICY,
+                        b"TLS is not configured on this server",
+                    )
+                    .await?;
+                }
+                TlsStage::Active => {
+                    send_rep(wr, option, REP_ERR_INVALID, b"TLS is already running").await?;
+                }
+                TlsStage::Offered | TlsStage::Required => {
+                    send_rep(wr, option, REP_ACK, &[]).await?;
+                    wr.flush().await?;
+                    return Ok(HandshakeEnd::StartTls(cflags));
+                }
+            },
             ClientOption::StructuredReply => {
                 structured = true;
                 state.structured.store(true, Ordering::Relaxed);
@@ -972,7 +1209,7 @@ where
                 wr.flush().await?;
                 if go {
                     let block_status = matches!(&meta, Some((n, true)) if *n == export.name);
-                    return Ok(Some(session(
+                    return Ok(HandshakeEnd::Session(session(
                         inner,
                         state,
                         export,
