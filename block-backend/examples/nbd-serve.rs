@@ -3,17 +3,18 @@
 //! ```text
 //! cargo run --release -p shale-block --example nbd-serve -- FILE [--name vol] [--tcp 127.0.0.1:10809]
 //!     [--unix /tmp/shale-nbd.sock] [--read-only] [--create-size 1G] [--io-threads 1] [--workers 2]
-//!     [--conn-threads N]
+//!     [--conn-threads N] [--tls-cert PEM --tls-key PEM]
 //! ```
 //! `--io-threads` sizes the shared io_uring engine, `--workers` the tokio runtime that accepts connections, and
 //! `--conn-threads` the server's I/O threads that serve them (0: serve on the tokio runtime through the shared
-//! engine, the pre-I/O-thread design, for A/B comparisons).
+//! engine, the pre-I/O-thread design, for A/B comparisons). With `--tls-cert`/`--tls-key` every client must start
+//! TLS (TCP and Unix alike).
 //! Prints the export URIs, then serves until SIGINT/SIGTERM.
 
 use std::sync::Arc;
 
 use shale_block::file::FileDevice;
-use shale_block::nbd::{Export, NbdServer, ServerConfig};
+use shale_block::nbd::{Export, NbdServer, ServerConfig, ServerTls, ServerTlsConfig, TlsPolicy};
 use shale_block::uring::{IoEngine, IoEngineConfig};
 use shale_block::BlockDevice;
 
@@ -27,6 +28,8 @@ struct Args {
     io_threads: usize,
     workers: usize,
     conn_threads: Option<usize>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -53,6 +56,8 @@ fn parse_args() -> Result<Args, String> {
         io_threads: 1,
         workers: 2,
         conn_threads: None,
+        tls_cert: None,
+        tls_key: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -66,13 +71,18 @@ fn parse_args() -> Result<Args, String> {
             "--io-threads" => a.io_threads = val("--io-threads")?.parse().map_err(|e| format!("{e}"))?,
             "--workers" => a.workers = val("--workers")?.parse().map_err(|e| format!("{e}"))?,
             "--conn-threads" => a.conn_threads = Some(val("--conn-threads")?.parse().map_err(|e| format!("{e}"))?),
-            "-h" | "--help" => return Err("usage: nbd-serve FILE [--name N] [--tcp ADDR] [--unix PATH] [--read-only] [--create-size SIZE] [--io-threads N] [--workers N] [--conn-threads N]".into()),
+            "--tls-cert" => a.tls_cert = Some(val("--tls-cert")?),
+            "--tls-key" => a.tls_key = Some(val("--tls-key")?),
+            "-h" | "--help" => return Err("usage: nbd-serve FILE [--name N] [--tcp ADDR] [--unix PATH] [--read-only] [--create-size SIZE] [--io-threads N] [--workers N] [--conn-threads N] [--tls-cert PEM --tls-key PEM]".into()),
             f if !f.starts_with('-') && a.file.is_empty() => a.file = f.to_string(),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     if a.file.is_empty() {
         return Err("missing FILE".into());
+    }
+    if a.tls_cert.is_some() != a.tls_key.is_some() {
+        return Err("--tls-cert and --tls-key go together".into());
     }
     if a.tcp.is_none() && a.unix.is_none() {
         a.tcp = Some("127.0.0.1:10809".into());
@@ -125,6 +135,14 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(n) = args.conn_threads {
         config.io_threads = n;
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(ServerTlsConfig {
+            creds: ServerTls::from_pem_files(cert.as_ref(), key.as_ref(), None)?,
+            tcp: TlsPolicy::Require,
+            unix: TlsPolicy::Require,
+        });
+    }
+    let tls = config.tls.is_some();
     let server = NbdServer::new(config);
     server.add_export(
         Export::new(&args.name, dev)
@@ -139,7 +157,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listeners.push(server.listen_unix(u).await?);
     }
     for l in &listeners {
-        println!("{}", l.uri(&args.name));
+        println!("{}", l.local_addr().uri_tls(&args.name, tls));
     }
     use std::io::Write;
     std::io::stdout().flush()?;

@@ -23,6 +23,10 @@
 # on a small machine shared with fio says more about the server than IOPS do.
 # Targets (issue 3): Shale >= 1.2x qemu-raw on every row; shale-thin-snap >= 2x qemu-qcow2-snap on writes.
 #
+# --transport tcp|tls runs the servers on loopback TCP instead of Unix sockets, plainly or with TLS (the peers
+# with the same credentials: a private CA from tools/nbd-tls-certs.sh, server certificate only; fio's libnbd
+# finds the CA under a private $HOME/.pki/libnbd). It measures shale, qemu-raw, nbdkit-null and fio-direct only.
+#
 # --repeat N runs every job N times, in N interleaved rounds (round 1 runs every job on every target, then round
 # 2, ...), and prints the median of each figure with the spread of the main metric (min-max, as +-% of the
 # median); ratios are of medians. On a shared 2-vCPU machine single runs vary by 10-20 %. Rounds repeat the same
@@ -32,7 +36,7 @@
 # Usage: tools/bench/nbd-bench.sh [--size 2G] [--runtime 10] [--repeat 1] [--dir DIR]
 #                                 [--jobs "randread randwrite seqread seqwrite randread-2c randwrite-2c"]
 #                                 [--uri NAME=URI]... [--only "shale shale-thin qemu-raw ..."] [--shale-bin PATH]
-#                                 [--shale-cli PATH] [--keep]
+#                                 [--shale-cli PATH] [--transport unix|tcp|tls] [--keep]
 #
 # Needs: cargo (unless --shale-bin and --shale-cli), fio with the nbd engine, qemu-img, qemu-nbd, python3.
 # Binaries are the dev-profile builds (the data-path crates are optimised there; see Cargo.toml).
@@ -48,6 +52,7 @@ ONLY=""
 SHALE_BIN=""
 SHALE_CLI=""
 KEEP=0
+TRANSPORT=unix
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -61,7 +66,8 @@ while [[ $# -gt 0 ]]; do
         --shale-bin) SHALE_BIN="$2"; shift 2 ;;
         --shale-cli) SHALE_CLI="$2"; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+        --transport) TRANSPORT="$2"; shift 2 ;;
+        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -74,6 +80,16 @@ done
 [[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || { echo "nbd-bench: --repeat wants a positive integer" >&2; exit 2; }
 
 wanted() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
+case "$TRANSPORT" in
+    unix) ;;
+    tcp|tls)
+        NET_TARGETS="shale qemu-raw nbdkit-null fio-direct"
+        for t in ${ONLY:-$NET_TARGETS}; do
+            [[ " $NET_TARGETS " == *" $t "* ]] || { echo "nbd-bench: --transport $TRANSPORT measures only $NET_TARGETS" >&2; exit 2; }
+        done
+        ONLY=${ONLY:-$NET_TARGETS} ;;
+    *) echo "nbd-bench: --transport wants unix, tcp or tls" >&2; exit 2 ;;
+esac
 
 if [[ -z "$SHALE_BIN" ]] && wanted shale; then
     echo "# building nbd-serve" >&2
@@ -120,15 +136,23 @@ if wanted qemu-qcow2-snap; then
     cp --reflink=auto "$QCOW" "$SNAPBASE"
 fi
 
+# Wait for a Unix socket file, or for a loopback TCP port ("tcp:PORT") to accept.
 wait_sock() {
-    for _ in $(seq 100); do [[ -S "$1" ]] && return 0; sleep 0.05; done
+    for _ in $(seq 100); do
+        if [[ "$1" == tcp:* ]]; then
+            (exec 3<>"/dev/tcp/127.0.0.1/${1#tcp:}") 2>/dev/null && return 0
+        else
+            [[ -S "$1" ]] && return 0
+        fi
+        sleep 0.05
+    done
     echo "nbd-bench: $1 did not appear" >&2; return 1
 }
 
-# Start a server in the background; sets STARTED_PID.
+# Start a server in the background; sets STARTED_PID. The first argument is what it listens on (wait_sock).
 start_bg() {
     local sock="$1"; shift
-    rm -f "$sock"
+    [[ "$sock" == tcp:* ]] || rm -f "$sock"
     "$@" >"$DIR/$(basename "$sock").log" 2>&1 &
     STARTED_PID=$!
     PIDS+=("$STARTED_PID")
@@ -140,8 +164,12 @@ stop_pid() {
     wait "$1" 2>/dev/null || true
 }
 
-qemu_nbd() { # sock fmt image
-    start_bg "$1" qemu-nbd -t -f "$2" --cache=none --aio=io_uring --discard=unmap -e 8 -x vol -k "$1" "$3"
+qemu_nbd() { # sock fmt image [more qemu-nbd arguments]
+    local sock="$1" fmt="$2" image="$3"
+    shift 3
+    # shellcheck disable=SC2046
+    start_bg "$sock" qemu-nbd -t -f "$fmt" --cache=none --aio=io_uring --discard=unmap -e 8 -x vol \
+        $(qemu_listen "$sock") "$@" "$image"
 }
 
 job_args() {
@@ -194,6 +222,34 @@ run_fio() { # job, server pid or "", then engine args
 
 nbd_fio() { run_fio "$1" "${3:-}" --ioengine=nbd --uri="$2"; }
 
+# Where the shale, qemu-raw and nbdkit-null servers listen, their extra arguments, and their URIs, by transport.
+TLS_SHALE=() TLS_QEMU=() TLS_NBDKIT=()
+if [[ "$TRANSPORT" == tls ]]; then
+    PKI="$DIR/pki"
+    bash "$REPO/tools/nbd-tls-certs.sh" "$PKI" >/dev/null
+    # libnbd (fio's nbd engine) reads its CA from $HOME/.pki/libnbd; give fio a home of its own.
+    mkdir -p "$DIR/fio-home/.pki/libnbd"
+    cp "$PKI/ca-cert.pem" "$DIR/fio-home/.pki/libnbd/"
+    export HOME="$DIR/fio-home"
+    TLS_SHALE=(--tls-cert "$PKI/server-cert.pem" --tls-key "$PKI/server-key.pem")
+    TLS_QEMU=(--object "tls-creds-x509,id=tls0,dir=$PKI,endpoint=server,verify-peer=off" --tls-creds tls0)
+    TLS_NBDKIT=(--tls=require "--tls-certificates=$PKI")
+fi
+listen() { # name port -> the wait_sock spec
+    if [[ "$TRANSPORT" == unix ]]; then echo "$DIR/$1.sock"; else echo "tcp:$2"; fi
+}
+uri_of() { # wait_sock spec, export
+    local scheme=nbd
+    [[ "$TRANSPORT" == tls ]] && scheme=nbds
+    if [[ "$1" == tcp:* ]]; then echo "$scheme://127.0.0.1:${1#tcp:}/$2"; else echo "nbd+unix:///$2?socket=$1"; fi
+}
+shale_listen() { if [[ "$1" == tcp:* ]]; then echo "--tcp 127.0.0.1:${1#tcp:}"; else echo "--unix $1"; fi; }
+qemu_listen() { if [[ "$1" == tcp:* ]]; then echo "-b 127.0.0.1 -p ${1#tcp:}"; else echo "-k $1"; fi; }
+nbdkit_listen() { if [[ "$1" == tcp:* ]]; then echo "-i 127.0.0.1 -p ${1#tcp:}"; else echo "-U $1"; fi; }
+SHALE_AT=$(listen shale 10911)
+QRAW_AT=$(listen qraw 10912)
+NULL_AT=$(listen null 10913)
+
 # A throwaway daemon with two filled thin VDIs of $SIZE in its default SR (same filesystem as the raw file).
 THIN_URI=""
 DAEMON_PID=""
@@ -244,13 +300,14 @@ for ROUND in $(seq "$REPEAT"); do
     for job in $JOBS; do
         echo "# round $ROUND/$REPEAT: $job" >&2
         if wanted shale; then
-            start_bg "$DIR/shale.sock" "$SHALE_BIN" "$RAW" --unix "$DIR/shale.sock" --name vol
-            record shale "$job" "$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/shale.sock" "$STARTED_PID")"
+            # shellcheck disable=SC2046
+            start_bg "$SHALE_AT" "$SHALE_BIN" "$RAW" $(shale_listen "$SHALE_AT") --name vol "${TLS_SHALE[@]}"
+            record shale "$job" "$(nbd_fio "$job" "$(uri_of "$SHALE_AT" vol)" "$STARTED_PID")"
             stop_pid "$STARTED_PID"
         fi
         if wanted qemu-raw; then
-            qemu_nbd "$DIR/qraw.sock" raw "$RAW"
-            record qemu-raw "$job" "$(nbd_fio "$job" "nbd+unix:///vol?socket=$DIR/qraw.sock" "$STARTED_PID")"
+            qemu_nbd "$QRAW_AT" raw "$RAW" "${TLS_QEMU[@]}"
+            record qemu-raw "$job" "$(nbd_fio "$job" "$(uri_of "$QRAW_AT" vol)" "$STARTED_PID")"
             stop_pid "$STARTED_PID"
         fi
         if wanted qemu-qcow2; then
@@ -285,15 +342,16 @@ for ROUND in $(seq "$REPEAT"); do
             record fio-direct "$job" "$(run_fio "$job" "" --ioengine=io_uring --direct=1 --filename="$RAW")"
         fi
         if wanted nbdkit-null && command -v nbdkit >/dev/null; then
-            start_bg "$DIR/null.sock" nbdkit -f -U "$DIR/null.sock" null "$SIZE"
-            record nbdkit-null "$job" "$(nbd_fio "$job" "nbd+unix:///?socket=$DIR/null.sock" "$STARTED_PID")"
+            # shellcheck disable=SC2046
+            start_bg "$NULL_AT" nbdkit -f $(nbdkit_listen "$NULL_AT") "${TLS_NBDKIT[@]}" null "$SIZE"
+            record nbdkit-null "$job" "$(nbd_fio "$job" "$(uri_of "$NULL_AT" "")" "$STARTED_PID")"
             stop_pid "$STARTED_PID"
         fi
     done
 done
 
 echo
-echo "NBD benchmark: $SIZE backing file, ${RUNTIME}s per job, $REPEAT round(s), $(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "NBD benchmark: $SIZE backing file, ${RUNTIME}s per job, $REPEAT round(s), transport $TRANSPORT, $(nproc) CPUs, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
 "$PY" - "$RESULTS" "$JOBS" "${TARGETS[@]}" <<'PYEOF'
 import statistics, sys
 path, jobs, targets = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
