@@ -30,7 +30,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf,
+};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -437,34 +439,55 @@ impl NbdClient {
 
     /// Ask the server at `addr` for its exports: `(name, description)` pairs.
     pub async fn list_exports(addr: &NbdAddr) -> Result<Vec<(String, String)>, NbdError> {
-        async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-            r: R,
-            mut w: W,
+        Self::list_exports_with(addr, None).await
+    }
+
+    /// [`NbdClient::list_exports`], over TLS with `tls` (a server that requires TLS lists nothing without it).
+    pub async fn list_exports_with(
+        addr: &NbdAddr,
+        tls: Option<&ClientTls>,
+    ) -> Result<Vec<(String, String)>, NbdError> {
+        async fn list<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+            r: &mut R,
+            w: &mut W,
         ) -> Result<Vec<(String, String)>, NbdError> {
-            let mut r = BufReader::new(r);
-            greet(&mut r, &mut w).await?;
-            send_option(&mut w, &ClientOption::List).await?;
+            send_option(w, &ClientOption::List).await?;
             let mut out = Vec::new();
             loop {
-                let (h, data) = read_option_reply(&mut r).await?;
+                let (h, data) = read_option_reply(r).await?;
                 match h.reply_type {
                     REP_SERVER => out.push(codec::decode_rep_server(&data)?),
                     REP_ACK => break,
                     t => return Err(refused("LIST", t, &data)),
                 }
             }
-            send_option(&mut w, &ClientOption::Abort).await?;
-            let _ = read_option_reply(&mut r).await;
+            send_option(w, &ClientOption::Abort).await?;
+            let _ = read_option_reply(r).await;
             Ok(out)
+        }
+        async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+            r: R,
+            mut w: W,
+            tls: Option<(&ClientTls, Option<&str>)>,
+        ) -> Result<Vec<(String, String)>, NbdError> {
+            let mut r = BufReader::new(r);
+            greet(&mut r, &mut w).await?;
+            match tls {
+                None => list(&mut r, &mut w).await,
+                Some((tls, host)) => {
+                    let (mut r, mut w) = start_tls(r, w, tls, host).await?;
+                    list(&mut r, &mut w).await
+                }
+            }
         }
         match addr {
             NbdAddr::Tcp(hp) => {
                 let (r, w) = TcpStream::connect(hp).await?.into_split();
-                run(r, w).await
+                run(r, w, tls.map(|t| (t, Some(tls::host_of(hp))))).await
             }
             NbdAddr::Unix(p) => {
                 let (r, w) = UnixStream::connect(p).await?.into_split();
-                run(r, w).await
+                run(r, w, tls.map(|t| (t, None))).await
             }
         }
     }
@@ -853,9 +876,32 @@ where
         let conn = Conn::start(r, w, params.meta_id);
         return Ok((params, conn));
     };
+    let (mut r, mut w) = start_tls(r, w, tls, host).await?;
+    let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
+    let conn = Conn::start(r, w, params.meta_id);
+    Ok((params, conn))
+}
+
+/// A connection's halves after `NBD_OPT_STARTTLS` and the TLS handshake.
+type TlsHalves<R, W> = (
+    BufReader<ReadHalf<tokio_rustls::client::TlsStream<tls::Joined<R, W>>>>,
+    WriteHalf<tokio_rustls::client::TlsStream<tls::Joined<R, W>>>,
+);
+
+/// Upgrade a greeted connection to TLS, checking the server's certificate against `host` (None: a Unix socket).
+/// `STARTTLS` goes before any other option, so none travels in the clear, and any answer but ACK ends the
+/// attempt (the spec: a client that wants TLS terminates rather than continue without it).
+async fn start_tls<R, W>(
+    mut r: BufReader<R>,
+    mut w: W,
+    tls: &ClientTls,
+    host: Option<&str>,
+) -> Result<TlsHalves<R, W>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let name = tls.name_for(host)?;
-    // STARTTLS first, so that no option travels in the clear; any answer but ACK ends the attempt (the spec:
-    // a client that wants TLS terminates rather than continue without it).
     send_option(&mut w, &ClientOption::StartTls).await?;
     let (h, data) = read_option_reply(&mut r).await?;
     if h.reply_type != REP_ACK {
@@ -877,11 +923,8 @@ where
         wr: w,
     };
     let stream = tls.connect(name, joined).await?;
-    let (r, mut w) = tokio::io::split(stream);
-    let mut r = BufReader::with_capacity(READ_BUFFER, r);
-    let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
-    let conn = Conn::start(r, w, params.meta_id);
-    Ok((params, conn))
+    let (r, w) = tokio::io::split(stream);
+    Ok((BufReader::with_capacity(READ_BUFFER, r), w))
 }
 
 fn refused(option: &'static str, reply_type: u32, data: &[u8]) -> NbdError {

@@ -899,8 +899,7 @@ enum Transport {
 }
 
 /// Run a handshake step until the connection's handshake deadline, or until the connection is kicked (server
-/// shutdown, export removed), which ends it quietly.
-/// `Ok(None)` means kicked.
+/// shutdown, export removed), which ends it quietly: `Ok(None)`.
 async fn bounded<T>(
     state: &ConnState,
     deadline: tokio::time::Instant,

@@ -598,6 +598,15 @@ mod end_to_end {
         let e = NbdClient::connect(&s.tcp_addr(), "vol").await.unwrap_err();
         assert!(e.to_string().contains("requires TLS"), "{e}");
 
+        // Listing exports: refused in the clear on TCP, answered over TLS.
+        assert!(NbdClient::list_exports(&s.tcp_addr()).await.is_err());
+        let tls = s.tls().tls.unwrap();
+        let list = NbdClient::list_exports_with(&s.tcp_addr(), Some(&tls))
+            .await
+            .unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].0, "vol");
+
         // The Unix socket serves both.
         let plain = NbdClient::connect(&s.unix_addr(), "vol").await.unwrap();
         round_trip(&plain, 2).await;
