@@ -679,6 +679,29 @@ fn tls_exports_with_real_clients() {
         &[&script.display().to_string(), &pki.display().to_string()],
     ));
     let p = |f: &str| pki.join(f).display().to_string();
+
+    // Bad credentials stop the daemon at start with the reason: a key that is not the certificate's, a missing
+    // file.
+    for (cert, key, why) in [
+        (
+            p("server-cert.pem"),
+            p("client-key.pem"),
+            "TLS configuration",
+        ),
+        (p("nope.pem"), p("server-key.pem"), "nope.pem"),
+    ] {
+        let mut bad = Daemon::spawn_with(
+            &tmp.path().join("bad-state"),
+            &["--nbd-tls-cert", &cert, "--nbd-tls-key", &key],
+        );
+        let st = bad
+            .wait_exit(Duration::from_secs(60))
+            .expect("a daemon with bad TLS credentials should exit");
+        assert!(!st.success());
+        let log = bad.log_text();
+        assert!(log.contains("NBD TLS") && log.contains(why), "{log}");
+    }
+
     let d = Daemon::start_with(
         &tmp.path().join("state"),
         &[

@@ -60,7 +60,12 @@ pub enum TlsError {
 
 impl From<rustls::Error> for TlsError {
     fn from(e: rustls::Error) -> Self {
-        TlsError::Config(e.to_string())
+        match e {
+            rustls::Error::InconsistentKeys(_) => {
+                TlsError::Config("the private key is not the certificate's".into())
+            }
+            e => TlsError::Config(e.to_string()),
+        }
     }
 }
 
@@ -516,6 +521,22 @@ mod end_to_end {
         ca: TestCa,
     }
 
+    /// A server with `config` exporting `vol`, a 1 MiB file in `dir`.
+    fn serving_vol(config: ServerConfig, dir: &tempfile::TempDir) -> NbdServer {
+        let server = NbdServer::new(config);
+        let path = dir.path().join("vol.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let engine = IoEngine::new(IoEngineConfig::default()).unwrap();
+        let dev = Arc::new(FileDevice::open(&path, false, engine).unwrap());
+        server
+            .add_export(Export::new("vol", dev as Arc<dyn BlockDevice>))
+            .unwrap();
+        server
+    }
+
     /// A server exporting `vol` (1 MiB file) with TLS required on TCP and offered on the Unix socket; with
     /// `client_ca`, clients need a certificate from the setup's CA.
     async fn setup(client_ca: bool) -> Setup {
@@ -531,17 +552,7 @@ mod end_to_end {
             }),
             ..ServerConfig::default()
         };
-        let server = NbdServer::new(config);
-        let path = dir.path().join("vol.raw");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let engine = IoEngine::new(IoEngineConfig::default()).unwrap();
-        let dev = Arc::new(FileDevice::open(&path, false, engine).unwrap());
-        server
-            .add_export(Export::new("vol", dev as Arc<dyn BlockDevice>))
-            .unwrap();
+        let server = serving_vol(config, &dir);
         let tcp = server.listen_tcp("127.0.0.1:0").await.unwrap();
         let unix = server
             .listen_unix(dir.path().join("nbd.sock"))
@@ -700,17 +711,7 @@ mod end_to_end {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_asking_for_tls_from_a_server_without_it_stops() {
         let dir = tempfile::tempdir().unwrap();
-        let server = NbdServer::new(ServerConfig::default());
-        let path = dir.path().join("v.raw");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let engine = IoEngine::new(IoEngineConfig::default()).unwrap();
-        let dev = Arc::new(FileDevice::open(&path, false, engine).unwrap());
-        server
-            .add_export(Export::new("vol", dev as Arc<dyn BlockDevice>))
-            .unwrap();
+        let server = serving_vol(ServerConfig::default(), &dir);
         let l = server.listen_tcp("127.0.0.1:0").await.unwrap();
         let addr = NbdAddr::parse_uri(&l.uri("")).unwrap().0;
         let ca = TestCa::new("ca");
