@@ -54,7 +54,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
 
-    /// NBD TCP listen address; loopback only by default, since NBD has no authentication.
+    /// NBD TCP listen address; loopback only by default, since NBD itself has no authentication (see
+    /// --nbd-tls-cert and --nbd-tls-client-ca before listening beyond it).
     #[arg(
         long,
         value_name = "ADDR",

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -376,11 +377,11 @@ impl NbdClient {
         export: &str,
         opts: &ConnectOptions,
     ) -> Result<Self, NbdError> {
-        let (params, first) = open(addr, export, opts.tls.as_ref()).await?;
+        let (params, first) = open(addr, export, opts).await?;
         let mut conns = vec![first];
         if params.flags & FLAG_CAN_MULTI_CONN != 0 {
             while conns.len() < opts.connections {
-                let (p, c) = open(addr, export, opts.tls.as_ref()).await?;
+                let (p, c) = open(addr, export, opts).await?;
                 if !p.same_export(&params) {
                     for c in conns.into_iter().chain([c]) {
                         c.close().await;
@@ -819,6 +820,9 @@ pub struct ConnectOptions {
     pub tls: Option<ClientTls>,
     /// Open up to this many connections when the server advertises multi-conn (at least one is opened).
     pub connections: usize,
+    /// Give up on a connection whose connect, TLS handshake and negotiation take longer than this: a server
+    /// that accepts and then says nothing (hung, or not an NBD server) must not hang the caller.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -826,6 +830,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             tls: None,
             connections: 1,
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -836,8 +841,22 @@ impl Default for ConnectOptions {
 /// Read-buffer size of a connection.
 const READ_BUFFER: usize = 256 << 10;
 
-/// Open one connection to `export` at `addr` and negotiate (over TLS with `tls`).
+/// Open one connection to `export` at `addr` and negotiate, within `opts.handshake_timeout` (over TLS with
+/// `opts.tls`).
 async fn open(
+    addr: &NbdAddr,
+    export: &str,
+    opts: &ConnectOptions,
+) -> Result<(ExportParams, Conn), NbdError> {
+    tokio::time::timeout(
+        opts.handshake_timeout,
+        open_now(addr, export, opts.tls.as_ref()),
+    )
+    .await
+    .unwrap_or(Err(NbdError::Timeout))
+}
+
+async fn open_now(
     addr: &NbdAddr,
     export: &str,
     tls: Option<&ClientTls>,
@@ -1733,6 +1752,29 @@ mod tests {
             );
             read(&client, 0, 4096).await.expect_err(what);
         }
+    }
+
+    #[tokio::test]
+    async fn a_server_that_says_nothing_times_out() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = NbdAddr::Tcp(l.local_addr().unwrap().to_string());
+        // Accepts, then never sends the greeting.
+        let hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let opts = ConnectOptions {
+            handshake_timeout: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        let e = NbdClient::connect_with(&addr, "x", &opts)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NbdError::Timeout), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        hold.abort();
     }
 
     #[test]
