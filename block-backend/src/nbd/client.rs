@@ -367,8 +367,7 @@ impl NbdClient {
 
     /// Connect using an NBD URI (`nbd://…`, `nbd+unix://…`).
     pub async fn connect_uri(uri: &str) -> Result<Self, NbdError> {
-        let (addr, export) = NbdAddr::parse_uri(uri)?;
-        Self::connect(&addr, &export).await
+        Self::connect_uri_with(uri, &ConnectOptions::default()).await
     }
 
     /// Connect with `opts`: TLS and how many connections (see [`NbdClient::connect_multi`]).
@@ -429,8 +428,11 @@ impl NbdClient {
 
     /// [`NbdClient::connect_multi`] with an NBD URI.
     pub async fn connect_uri_multi(uri: &str, n: usize) -> Result<Self, NbdError> {
-        let (addr, export) = NbdAddr::parse_uri(uri)?;
-        Self::connect_multi(&addr, &export, n).await
+        let opts = ConnectOptions {
+            connections: n,
+            ..Default::default()
+        };
+        Self::connect_uri_with(uri, &opts).await
     }
 
     /// How many connections carry this client's requests.
@@ -440,13 +442,14 @@ impl NbdClient {
 
     /// Ask the server at `addr` for its exports: `(name, description)` pairs.
     pub async fn list_exports(addr: &NbdAddr) -> Result<Vec<(String, String)>, NbdError> {
-        Self::list_exports_with(addr, None).await
+        Self::list_exports_with(addr, &ConnectOptions::default()).await
     }
 
-    /// [`NbdClient::list_exports`], over TLS with `tls` (a server that requires TLS lists nothing without it).
+    /// [`NbdClient::list_exports`] with the options of [`NbdClient::connect_with`]: over TLS with `opts.tls` (a
+    /// server that requires TLS lists nothing without it), within `opts.handshake_timeout`.
     pub async fn list_exports_with(
         addr: &NbdAddr,
-        tls: Option<&ClientTls>,
+        opts: &ConnectOptions,
     ) -> Result<Vec<(String, String)>, NbdError> {
         async fn list<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             r: &mut R,
@@ -481,16 +484,22 @@ impl NbdClient {
                 }
             }
         }
-        match addr {
-            NbdAddr::Tcp(hp) => {
-                let (r, w) = TcpStream::connect(hp).await?.into_split();
-                run(r, w, tls.map(|t| (t, Some(tls::host_of(hp))))).await
+        let tls = opts.tls.as_ref();
+        let listed = async {
+            match addr {
+                NbdAddr::Tcp(hp) => {
+                    let (r, w) = TcpStream::connect(hp).await?.into_split();
+                    run(r, w, tls.map(|t| (t, Some(tls::host_of(hp))))).await
+                }
+                NbdAddr::Unix(p) => {
+                    let (r, w) = UnixStream::connect(p).await?.into_split();
+                    run(r, w, tls.map(|t| (t, None))).await
+                }
             }
-            NbdAddr::Unix(p) => {
-                let (r, w) = UnixStream::connect(p).await?.into_split();
-                run(r, w, tls.map(|t| (t, None))).await
-            }
-        }
+        };
+        tokio::time::timeout(opts.handshake_timeout, listed)
+            .await
+            .unwrap_or(Err(NbdError::Timeout))
     }
 
     /// Negotiate on an established byte stream and start the reader and writer tasks.
@@ -1760,9 +1769,10 @@ mod tests {
         let addr = NbdAddr::Tcp(l.local_addr().unwrap().to_string());
         // Accepts, then never sends the greeting.
         let hold = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            drop(s);
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
         });
         let opts = ConnectOptions {
             handshake_timeout: Duration::from_millis(200),
@@ -1774,6 +1784,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, NbdError::Timeout), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(10));
+        let e = NbdClient::list_exports_with(&addr, &opts)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, NbdError::Timeout), "{e}");
         hold.abort();
     }
 

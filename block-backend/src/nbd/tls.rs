@@ -611,8 +611,7 @@ mod end_to_end {
 
         // Listing exports: refused in the clear on TCP, answered over TLS.
         assert!(NbdClient::list_exports(&s.tcp_addr()).await.is_err());
-        let tls = s.tls().tls.unwrap();
-        let list = NbdClient::list_exports_with(&s.tcp_addr(), Some(&tls))
+        let list = NbdClient::list_exports_with(&s.tcp_addr(), &s.tls())
             .await
             .unwrap();
         assert_eq!(list.len(), 1);
