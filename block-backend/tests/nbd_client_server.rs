@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use common::*;
 use shale_block::nbd::codec::{self, RequestHeader};
 use shale_block::nbd::proto::*;
-use shale_block::nbd::{Export, NbdAddr, NbdClient, NbdError, ServerConfig};
+use shale_block::nbd::{ConnectOptions, Export, NbdAddr, NbdClient, NbdError, ServerConfig};
 use shale_block::{BlockDevice, BlockError, DeviceInfo, Extent, ExtentKind, IoBuf, WriteFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -378,11 +378,22 @@ async fn replies_are_out_of_order() {
 struct RawConn {
     s: TcpStream,
     structured: bool,
+    /// Extended headers negotiated: 32-byte requests and reply chunks.
+    extended: bool,
     handle: u64,
 }
 
 impl RawConn {
     async fn connect(s: &Served, export: &str, structured: bool) -> RawConn {
+        Self::negotiate(s, export, structured, false).await
+    }
+
+    /// Connect with extended headers (and `base:allocation`).
+    async fn connect_extended(s: &Served, export: &str) -> RawConn {
+        Self::negotiate(s, export, true, true).await
+    }
+
+    async fn negotiate(s: &Served, export: &str, structured: bool, extended: bool) -> RawConn {
         let addr = match s.tcp.local_addr() {
             shale_block::nbd::ListenAddr::Tcp(a) => *a,
             other => panic!("{other:?}"),
@@ -395,8 +406,13 @@ impl RawConn {
             .await
             .unwrap();
         let mut opts = vec![];
+        if extended {
+            opts.push(codec::ClientOption::ExtendedHeaders);
+        }
         if structured {
-            opts.push(codec::ClientOption::StructuredReply);
+            if !extended {
+                opts.push(codec::ClientOption::StructuredReply);
+            }
             opts.push(codec::ClientOption::SetMetaContext {
                 export: export.into(),
                 queries: vec![BASE_ALLOCATION.into()],
@@ -429,7 +445,18 @@ impl RawConn {
         RawConn {
             s: st,
             structured,
+            extended,
             handle: 100,
+        }
+    }
+
+    /// The header of request `h` as this connection frames it (writes carry `NBD_CMD_FLAG_PAYLOAD_LEN` with
+    /// extended headers only if the caller set it: tests send malformed frames on purpose).
+    fn header(&self, h: &RequestHeader) -> Vec<u8> {
+        if self.extended {
+            codec::encode_ext_request_header(h).to_vec()
+        } else {
+            codec::encode_request_header(h).to_vec()
         }
     }
 
@@ -439,7 +466,7 @@ impl RawConn {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: Option<&[u8]>,
     ) -> Result<Vec<u8>, u32> {
         self.handle += 1;
@@ -450,10 +477,8 @@ impl RawConn {
             offset,
             length,
         };
-        self.s
-            .write_all(&codec::encode_request_header(&h))
-            .await
-            .unwrap();
+        let hdr = self.header(&h);
+        self.s.write_all(&hdr).await.unwrap();
         if let Some(p) = payload {
             self.s.write_all(p).await.unwrap();
         }
@@ -463,6 +488,7 @@ impl RawConn {
             offset,
             if command == CMD_READ { length } else { 0 },
             self.structured,
+            self.extended,
         )
         .await
     }
@@ -472,10 +498,8 @@ impl RawConn {
             command: CMD_DISC,
             ..Default::default()
         };
-        self.s
-            .write_all(&codec::encode_request_header(&h))
-            .await
-            .unwrap();
+        let hdr = self.header(&h);
+        self.s.write_all(&hdr).await.unwrap();
         let mut rest = vec![];
         self.s.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
@@ -486,15 +510,22 @@ async fn read_reply(
     s: &mut TcpStream,
     handle: u64,
     base: u64,
-    read_len: u32,
+    read_len: u64,
     structured: bool,
+    extended: bool,
 ) -> Result<Vec<u8>, u32> {
     let mut data = vec![0u8; read_len as usize];
     let mut error = None;
     loop {
         let mut m = [0u8; 4];
         s.read_exact(&mut m).await.unwrap();
-        let n = codec::reply_header_len(u32::from_be_bytes(m)).unwrap();
+        let magic = u32::from_be_bytes(m);
+        assert_eq!(
+            magic == EXTENDED_REPLY_MAGIC,
+            extended,
+            "reply framing {magic:#x} does not match the negotiated headers"
+        );
+        let n = codec::reply_header_len(magic).unwrap();
         let mut hdr = vec![0u8; n];
         hdr[..4].copy_from_slice(&m);
         s.read_exact(&mut hdr[4..]).await.unwrap();
@@ -519,8 +550,14 @@ async fn read_reply(
                 typ,
                 handle: h,
                 length,
+                offset,
             } => {
                 assert_eq!(h, handle);
+                assert_eq!(
+                    offset,
+                    extended.then_some(base),
+                    "extended replies echo the offset"
+                );
                 let mut p = vec![0u8; length as usize];
                 s.read_exact(&mut p).await.unwrap();
                 match typ {
@@ -530,6 +567,11 @@ async fn read_reply(
                     }
                     REPLY_TYPE_OFFSET_HOLE => {}
                     REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_NONE => {}
+                    REPLY_TYPE_BLOCK_STATUS_EXT => {
+                        assert!(extended, "64-bit block status without extended headers");
+                        // Hand the descriptors back to the caller as the "data".
+                        data = p;
+                    }
                     t if t & REPLY_TYPE_FLAG_ERROR != 0 => {
                         error = Some(codec::decode_error_chunk(t, &p).unwrap().error);
                     }
@@ -584,14 +626,17 @@ async fn malformed_frames_cost_only_their_connection() {
     st.write_all(&[0xffu8; 16]).await.unwrap();
     expect_closed(&mut st).await;
 
-    // 4. Unknown options and STARTTLS are answered, the session continues.
+    // 4. Unknown options and STARTTLS are answered, the session continues; extended headers are accepted
+    // once, after which structured replies cannot be asked for.
     let mut st = TcpStream::connect(addr).await.unwrap();
     st.read_exact(&mut g).await.unwrap();
     st.write_all(&1u32.to_be_bytes()).await.unwrap();
     for (opt, expect) in [
         (4242u32, REP_ERR_UNSUP),
         (OPT_STARTTLS, REP_ERR_POLICY),
-        (OPT_EXTENDED_HEADERS, REP_ERR_UNSUP),
+        (OPT_EXTENDED_HEADERS, REP_ACK),
+        (OPT_EXTENDED_HEADERS, REP_ERR_INVALID),
+        (OPT_STRUCTURED_REPLY, REP_ERR_EXT_HEADER_REQD),
     ] {
         st.write_all(&codec::encode_option_header(opt, 0))
             .await
@@ -637,13 +682,13 @@ async fn malformed_frames_cost_only_their_connection() {
         command: CMD_WRITE,
         handle: 1,
         offset: 0,
-        length: u32::MAX,
+        length: u64::from(u32::MAX),
     };
     raw.s
         .write_all(&codec::encode_request_header(&h))
         .await
         .unwrap();
-    assert_eq!(read_reply(&mut raw.s, 1, 0, 0, true).await, Err(75));
+    assert_eq!(read_reply(&mut raw.s, 1, 0, 0, true, false).await, Err(75));
     expect_closed(&mut raw.s).await;
 
     // 7. Truncated payload: the header promises 64 KiB, the client sends 100 bytes and hangs up.
@@ -789,7 +834,7 @@ fn random_frames(rng: &mut Rng, size: u64) -> Vec<u8> {
                     command,
                     handle,
                     offset,
-                    length,
+                    length: u64::from(length),
                 }));
                 if command == CMD_WRITE {
                     let sent = match rng.below(6) {
@@ -967,6 +1012,10 @@ async fn client_against_qemu_nbd() {
     );
     assert_eq!(c.info().size, 16 * MIB);
     assert!(c.structured_replies() && c.has_block_status());
+    assert!(
+        c.extended_headers(),
+        "qemu-nbd 8.2+ offers extended headers"
+    );
     let data = pattern(0, 1 << 20, 5);
     c.write(2 * MIB, IoBuf::from_slice(&data), WriteFlags::FUA)
         .await
@@ -1085,7 +1134,7 @@ async fn overlapping_pipelined_requests_keep_arrival_order() {
             command,
             handle,
             offset,
-            length,
+            length: u64::from(length),
         })
     };
     for i in 0..128u64 {
@@ -1146,4 +1195,154 @@ async fn shutdown_drains_and_stops_listening() {
         !s.dir.path().join("nbd.sock").exists(),
         "unix socket file left behind"
     );
+}
+
+/// With extended headers the client sends write-zeroes and block status over a whole 16 GiB export as single
+/// requests, and the server answers with 64-bit descriptors (a hole longer than 4 GiB in one); a client that
+/// asks for compact headers gets them and the same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_headers_carry_64_bit_lengths() {
+    const GIB: u64 = 1 << 30;
+    let s = serve().await;
+    s.export_file("big", 16 * GIB, false);
+    let c = NbdClient::connect_uri_with(&s.tcp_uri("big"), &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert!(c.extended_headers() && c.has_block_status());
+    let data = pattern(7, MIB as usize, 3);
+    c.write(6 * GIB, IoBuf::from_slice(&data), WriteFlags::default())
+        .await
+        .unwrap();
+    c.write(14 * GIB, IoBuf::from_slice(&data), WriteFlags::FUA)
+        .await
+        .unwrap();
+    let ext = c.block_status(0, 16 * GIB).await.unwrap();
+    assert_eq!(ext[0].kind, ExtentKind::Hole);
+    assert_eq!(
+        ext[0].length,
+        6 * GIB,
+        "one descriptor for a 6 GiB hole: {ext:?}"
+    );
+    assert_eq!(
+        (ext[1].offset, ext[1].length, ext[1].kind),
+        (6 * GIB, MIB, ExtentKind::Data)
+    );
+
+    // 12 GiB of zeroes in one request (the server runs it in slices), leaving the data at 14 GiB alone.
+    c.write_zeroes(0, 12 * GIB, true, WriteFlags::FUA)
+        .await
+        .unwrap();
+    let back = c.read(6 * GIB, IoBuf::zeroed(MIB as usize)).await.unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    let back = c.read(14 * GIB, IoBuf::zeroed(MIB as usize)).await.unwrap();
+    assert!(back[..] == data[..]);
+    let ext = c.block_status(0, 16 * GIB).await.unwrap();
+    assert_eq!((ext[0].length, ext[0].kind), (14 * GIB, ExtentKind::Hole));
+
+    // Compact headers: the same answers, in requests of at most 1 GiB.
+    let opts = ConnectOptions {
+        extended_headers: false,
+        ..Default::default()
+    };
+    let old = NbdClient::connect_uri_with(&s.tcp_uri("big"), &opts)
+        .await
+        .unwrap();
+    assert!(!old.extended_headers() && old.structured_replies());
+    let ext = old.block_status(0, 16 * GIB).await.unwrap();
+    assert_eq!((ext[0].length, ext[0].kind), (GIB, ExtentKind::Hole));
+    let back = old
+        .read(14 * GIB, IoBuf::zeroed(MIB as usize))
+        .await
+        .unwrap();
+    assert!(back[..] == data[..]);
+    old.discard(14 * GIB, MIB).await.unwrap();
+    let back = c.read(14 * GIB, IoBuf::zeroed(MIB as usize)).await.unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+/// Extended-header frames as the spec has them: every reply is a 32-byte chunk echoing the request's offset
+/// (checked by `read_reply`), writes work with or without `NBD_CMD_FLAG_PAYLOAD_LEN` (qemu 10 omits it),
+/// other commands with a payload are refused after it is skipped, block status comes as `BLOCK_STATUS_EXT`,
+/// and a compact header on an extended connection, or `EXPORT_NAME` after extended headers, ends only that
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_header_frames_follow_the_spec() {
+    let s = serve().await;
+    s.export_file("vol", 4 * MIB, false);
+    let mut raw = RawConn::connect_extended(&s, "vol").await;
+    let a = pattern(0, 4096, 1);
+    let b = pattern(1, 4096, 2);
+    raw.request(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 4096, Some(&a))
+        .await
+        .unwrap();
+    raw.request(CMD_WRITE, CMD_FLAG_FUA, 4096, 4096, Some(&b))
+        .await
+        .unwrap();
+    let back = raw.request(CMD_READ, 0, 0, 8192, None).await.unwrap();
+    assert!(back[..4096] == a[..] && back[4096..] == b[..]);
+    // A trim announcing a payload: EINVAL, the payload is skipped, the session goes on.
+    assert_eq!(
+        raw.request(CMD_TRIM, CMD_FLAG_PAYLOAD_LEN, 0, 512, Some(&[0u8; 512]))
+            .await,
+        errno_e(22)
+    );
+    raw.request(CMD_FLUSH, 0, 0, 0, None).await.unwrap();
+    let st = raw
+        .request(CMD_BLOCK_STATUS, 0, 0, 4 * MIB, None)
+        .await
+        .unwrap();
+    let (id, descs) = codec::decode_block_status(REPLY_TYPE_BLOCK_STATUS_EXT, &st).unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(descs[0], (8192, 0));
+    assert_eq!(descs.iter().map(|d| d.0).sum::<u64>(), 4 * MIB);
+    raw.request(CMD_WRITE_ZEROES, 0, 0, 4 * MIB, None)
+        .await
+        .unwrap();
+    let back = raw.request(CMD_READ, 0, 0, 8192, None).await.unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    // Out-of-range and misaligned requests get errors as chunks (and the connection survives).
+    assert_eq!(
+        raw.request(CMD_READ, 0, 4 * MIB, 4096, None).await,
+        errno_e(22)
+    );
+    raw.request(CMD_READ, 0, 0, 512, None).await.unwrap();
+
+    // A compact request on the extended connection: the stream is out of sync, so it ends; others carry on.
+    let mut other = RawConn::connect_extended(&s, "vol").await;
+    let compact = codec::encode_request_header(&RequestHeader {
+        command: CMD_READ,
+        handle: 1,
+        length: 512,
+        ..Default::default()
+    });
+    // (Two of them: the server reads 32 bytes before it looks at the magic.)
+    raw.s.write_all(&[compact, compact].concat()).await.unwrap();
+    expect_closed(&mut raw.s).await;
+    other.request(CMD_READ, 0, 0, 512, None).await.unwrap();
+    other.disconnect().await;
+
+    // EXPORT_NAME after extended headers breaks a MUST NOT: the server hangs up.
+    let addr = match s.tcp.local_addr() {
+        shale_block::nbd::ListenAddr::Tcp(a) => *a,
+        other => panic!("{other:?}"),
+    };
+    let mut st = TcpStream::connect(addr).await.unwrap();
+    let mut g = [0u8; GREETING_LEN];
+    st.read_exact(&mut g).await.unwrap();
+    st.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .await
+        .unwrap();
+    let mut v = vec![];
+    codec::encode_option(&codec::ClientOption::ExtendedHeaders, &mut v);
+    st.write_all(&v).await.unwrap();
+    let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+    st.read_exact(&mut h).await.unwrap();
+    assert_eq!(
+        codec::decode_option_reply_header(&h).unwrap().reply_type,
+        REP_ACK
+    );
+    let mut v = vec![];
+    codec::encode_option(&codec::ClientOption::ExportName("vol".into()), &mut v);
+    st.write_all(&v).await.unwrap();
+    expect_closed(&mut st).await;
 }

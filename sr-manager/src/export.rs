@@ -342,6 +342,7 @@ fn connection_to_proto(c: ConnectionInfo) -> proto::NbdConnection {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         structured: c.structured,
+        extended: c.extended,
         reads: c.reads,
         writes: c.writes,
         bytes_read: c.bytes_read,

@@ -109,6 +109,14 @@ fn list_text(r: &proto::NbdListReply) -> String {
                 },
                 output::utc(c.connected_at),
                 if c.tls { "tls" } else { "-" }.to_string(),
+                if c.extended {
+                    "extended"
+                } else if c.structured {
+                    "structured"
+                } else {
+                    "simple"
+                }
+                .to_string(),
                 c.reads.to_string(),
                 format_size(c.bytes_read),
                 c.writes.to_string(),
@@ -126,6 +134,7 @@ fn list_text(r: &proto::NbdListReply) -> String {
             "EXPORT",
             "CONNECTED",
             "TLS",
+            "REPLIES",
             "READS",
             "READ",
             "WRITES",
@@ -226,6 +235,8 @@ mod tests {
                 export: "local/a".into(),
                 reads: 7,
                 tls: true,
+                structured: true,
+                extended: true,
                 ..Default::default()
             }],
         };
@@ -234,7 +245,9 @@ mod tests {
             t.contains("local/a")
                 && t.contains("127.0.0.1:5555")
                 && t.contains("1 MiB")
-                && t.contains("tls"),
+                && t.contains("tls")
+                && t.contains("REPLIES")
+                && t.contains("extended"),
             "{t}"
         );
     }

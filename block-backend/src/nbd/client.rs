@@ -4,7 +4,9 @@
 //! carries many requests at once: callers submit through a channel to a writer task (which batches frames
 //! into few syscalls), and a reader task matches replies to callers by handle, so replies may arrive in any
 //! order. Reads use structured replies when the server offers them (holes arrive as `OFFSET_HOLE` chunks and
-//! are zero-filled locally), and block status uses `base:allocation`. [`NbdClient::connect_multi`] opens
+//! are zero-filled locally), and block status uses `base:allocation`. Extended headers are asked for first
+//! ([`ConnectOptions::extended_headers`]): with them write-zeroes, trim and block status go out as one request
+//! however long the range, and every reply chunk must echo its request's offset. [`NbdClient::connect_multi`] opens
 //! several such connections to an export whose server advertises `NBD_FLAG_CAN_MULTI_CONN` and spreads
 //! requests over them round-robin; a flush then goes to one of them, which the flag makes cover all.
 //! [`NbdClient::connect_with`] can upgrade every connection to TLS ([`ConnectOptions::tls`]; `nbds://` URIs):
@@ -52,7 +54,7 @@ use crate::error::{errno, BlockError, Result};
 /// Largest option reply payload the client accepts during negotiation.
 const MAX_OPTION_REPLY: u32 = 1 << 20;
 /// Largest non-data chunk payload (block status, errors) accepted in transmission.
-const MAX_CONTROL_CHUNK: u32 = 16 << 20;
+const MAX_CONTROL_CHUNK: u64 = 16 << 20;
 /// Largest write-zeroes / block-status length sent in one request (32-bit length, kept block aligned).
 const MAX_NO_PAYLOAD_LEN: u64 = 1 << 30;
 
@@ -149,8 +151,38 @@ fn parse_after_scheme(uri: &str, rest: &str) -> Result<(NbdAddr, String), NbdErr
 
 /// A frame for the writer task.
 struct Frame {
-    header: [u8; REQUEST_HEADER_LEN],
+    /// The request header: `header[..header_len]` (compact or extended).
+    header: [u8; EXT_REQUEST_HEADER_LEN],
+    header_len: u8,
     payload: Option<IoBuf>,
+}
+
+impl Frame {
+    /// Encode `h` the way the connection negotiated: an extended header (with `NBD_CMD_FLAG_PAYLOAD_LEN` on
+    /// writes) or a compact one.
+    fn new(h: &RequestHeader, extended: bool, payload: Option<IoBuf>) -> Frame {
+        let mut header = [0u8; EXT_REQUEST_HEADER_LEN];
+        let header_len = if extended {
+            let mut h = *h;
+            if h.command == CMD_WRITE {
+                h.flags |= CMD_FLAG_PAYLOAD_LEN;
+            }
+            header.copy_from_slice(&codec::encode_ext_request_header(&h));
+            EXT_REQUEST_HEADER_LEN
+        } else {
+            header[..REQUEST_HEADER_LEN].copy_from_slice(&codec::encode_request_header(h));
+            REQUEST_HEADER_LEN
+        };
+        Frame {
+            header,
+            header_len: header_len as u8,
+            payload,
+        }
+    }
+
+    fn header(&self) -> &[u8] {
+        &self.header[..usize::from(self.header_len)]
+    }
 }
 
 /// What a pending request is collecting.
@@ -221,6 +253,8 @@ enum Done {
 }
 
 struct Pending {
+    /// The request's offset: extended reply chunks must echo it.
+    offset: u64,
     op: Op,
     error: Option<BlockError>,
     tx: oneshot::Sender<Result<Done>>,
@@ -282,6 +316,8 @@ struct ExportParams {
     preferred_block: u32,
     max_payload: u32,
     structured: bool,
+    /// Extended headers negotiated (implies `structured`).
+    extended: bool,
     meta_id: Option<u32>,
     description: Option<String>,
 }
@@ -309,15 +345,20 @@ struct Conn {
 
 impl Conn {
     /// Start the writer and reader tasks on a negotiated stream.
-    fn start<R, W>(r: BufReader<R>, w: W, meta_id: Option<u32>) -> Conn
+    fn start<R, W>(r: BufReader<R>, w: W, params: &ExportParams) -> Conn
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_loop(w, rx, shared.clone()));
-        tokio::spawn(read_loop(r, shared.clone(), meta_id));
+        let writer = tokio::spawn(write_loop(w, rx, shared.clone(), params.extended));
+        tokio::spawn(read_loop(
+            r,
+            shared.clone(),
+            params.meta_id,
+            params.extended,
+        ));
         Conn {
             tx,
             shared,
@@ -508,7 +549,7 @@ impl NbdClient {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (params, conn) = handshake_conn(r, w, export, None).await?;
+        let (params, conn) = handshake_conn(r, w, export, None, true).await?;
         Ok(Self::from_conns(export, params, vec![conn]))
     }
 
@@ -559,6 +600,12 @@ impl NbdClient {
         self.params.structured
     }
 
+    /// Whether extended headers were negotiated: write-zeroes, trim and block status then go out as one
+    /// request however long the range (64-bit lengths), where compact headers split them.
+    pub fn extended_headers(&self) -> bool {
+        self.params.extended
+    }
+
     /// `base:allocation` block status is available.
     pub fn has_block_status(&self) -> bool {
         self.params.meta_id.is_some()
@@ -598,7 +645,7 @@ impl NbdClient {
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: Option<IoBuf>,
         op: Op,
     ) -> Result<Done> {
@@ -613,20 +660,25 @@ impl NbdClient {
             p.map.insert(
                 handle,
                 Pending {
+                    offset,
                     op,
                     error: None,
                     tx,
                 },
             );
         }
-        let header = codec::encode_request_header(&RequestHeader {
+        let h = RequestHeader {
             flags,
             command,
             handle,
             offset,
             length,
-        });
-        if conn.tx.send(Frame { header, payload }).is_err() {
+        };
+        if conn
+            .tx
+            .send(Frame::new(&h, self.params.extended, payload))
+            .is_err()
+        {
             conn.shared.pending.lock().map.remove(&handle);
             return Err(BlockError::Shutdown);
         }
@@ -634,7 +686,7 @@ impl NbdClient {
     }
 
     async fn read_one(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let len = buf.len() as u32;
+        let len = buf.len() as u64;
         match self
             .submit(
                 CMD_READ,
@@ -656,7 +708,7 @@ impl NbdClient {
     }
 
     async fn write_one(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
-        let len = data.len() as u32;
+        let len = data.len() as u64;
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         self.submit(CMD_WRITE, flags, offset, len, Some(data), Op::Plain)
             .await
@@ -675,6 +727,17 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Largest effect length of one write-zeroes or block status request: the whole range with extended
+    /// headers (64-bit lengths), otherwise [`MAX_NO_PAYLOAD_LEN`] rounded down to the block size.
+    fn effect_step(&self) -> u64 {
+        if self.params.extended {
+            u64::MAX
+        } else {
+            let bs = u64::from(self.info.block_size);
+            MAX_NO_PAYLOAD_LEN / bs * bs
+        }
+    }
+
     async fn zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         if !self.has(FLAG_SEND_WRITE_ZEROES) {
             return self.zero_by_writing(offset, len, fua).await;
@@ -684,12 +747,11 @@ impl NbdClient {
         if fua && !emulate_fua {
             flags |= CMD_FLAG_FUA;
         }
-        let step =
-            MAX_NO_PAYLOAD_LEN / u64::from(self.info.block_size) * u64::from(self.info.block_size);
+        let step = self.effect_step();
         let mut pos = offset;
         while pos < offset + len {
             let n = step.min(offset + len - pos);
-            self.submit(CMD_WRITE_ZEROES, flags, pos, n as u32, None, Op::Plain)
+            self.submit(CMD_WRITE_ZEROES, flags, pos, n, None, Op::Plain)
                 .await?;
             pos += n;
         }
@@ -801,16 +863,14 @@ impl BlockDevice for NbdClient {
                 kind: ExtentKind::Data,
             }]);
         }
-        let step =
-            MAX_NO_PAYLOAD_LEN / u64::from(self.info.block_size) * u64::from(self.info.block_size);
-        let n = len.min(step);
+        let n = len.min(self.effect_step());
         let op = Op::Status {
             offset,
             len: n,
             extents: Vec::new(),
         };
         match self
-            .submit(CMD_BLOCK_STATUS, 0, offset, n as u32, None, op)
+            .submit(CMD_BLOCK_STATUS, 0, offset, n, None, op)
             .await?
         {
             Done::Status(e) if !e.is_empty() => Ok(e),
@@ -832,6 +892,10 @@ pub struct ConnectOptions {
     /// Give up on a connection whose connect, TLS handshake and negotiation take longer than this: a server
     /// that accepts and then says nothing (hung, or not an NBD server) must not hang the caller.
     pub handshake_timeout: Duration,
+    /// Ask for extended headers (`NBD_OPT_EXTENDED_HEADERS`: 64-bit write-zeroes, trim and block status
+    /// lengths), falling back to structured replies when the server declines. On by default, as in qemu and
+    /// libnbd; off forces the compact headers (for testing servers in that mode).
+    pub extended_headers: bool,
 }
 
 impl Default for ConnectOptions {
@@ -840,6 +904,7 @@ impl Default for ConnectOptions {
             tls: None,
             connections: 1,
             handshake_timeout: Duration::from_secs(30),
+            extended_headers: true,
         }
     }
 }
@@ -859,7 +924,7 @@ async fn open(
 ) -> Result<(ExportParams, Conn), NbdError> {
     tokio::time::timeout(
         opts.handshake_timeout,
-        open_now(addr, export, opts.tls.as_ref()),
+        open_now(addr, export, opts.tls.as_ref(), opts.extended_headers),
     )
     .await
     .unwrap_or(Err(NbdError::Timeout))
@@ -869,6 +934,7 @@ async fn open_now(
     addr: &NbdAddr,
     export: &str,
     tls: Option<&ClientTls>,
+    extended: bool,
 ) -> Result<(ExportParams, Conn), NbdError> {
     match addr {
         NbdAddr::Tcp(hp) => {
@@ -876,11 +942,11 @@ async fn open_now(
             s.set_nodelay(true)?;
             let (r, w) = s.into_split();
             let tls = tls.map(|t| (t, Some(tls::host_of(hp))));
-            handshake_conn(r, w, export, tls).await
+            handshake_conn(r, w, export, tls, extended).await
         }
         NbdAddr::Unix(p) => {
             let (r, w) = UnixStream::connect(p).await?.into_split();
-            handshake_conn(r, w, export, tls.map(|t| (t, None))).await
+            handshake_conn(r, w, export, tls.map(|t| (t, None)), extended).await
         }
     }
 }
@@ -892,6 +958,7 @@ async fn handshake_conn<R, W>(
     mut w: W,
     export: &str,
     tls: Option<(&ClientTls, Option<&str>)>,
+    extended: bool,
 ) -> Result<(ExportParams, Conn), NbdError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -900,13 +967,13 @@ where
     let mut r = BufReader::with_capacity(READ_BUFFER, r);
     let no_zeroes = greet(&mut r, &mut w).await?;
     let Some((tls, host)) = tls else {
-        let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
-        let conn = Conn::start(r, w, params.meta_id);
+        let params = negotiate(&mut r, &mut w, export, no_zeroes, extended).await?;
+        let conn = Conn::start(r, w, &params);
         return Ok((params, conn));
     };
     let (mut r, mut w) = start_tls(r, w, tls, host).await?;
-    let params = negotiate(&mut r, &mut w, export, no_zeroes).await?;
-    let conn = Conn::start(r, w, params.meta_id);
+    let params = negotiate(&mut r, &mut w, export, no_zeroes, extended).await?;
+    let conn = Conn::start(r, w, &params);
     Ok((params, conn))
 }
 
@@ -1027,10 +1094,20 @@ async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     w: &mut W,
     export: &str,
     no_zeroes: bool,
+    want_extended: bool,
 ) -> Result<ExportParams, NbdError> {
-    send_option(w, &ClientOption::StructuredReply).await?;
-    let (h, _) = read_option_reply(r).await?;
-    let structured = h.reply_type == REP_ACK;
+    // Extended headers first (they include structured replies); structured replies alone if declined.
+    let mut extended = false;
+    if want_extended {
+        send_option(w, &ClientOption::ExtendedHeaders).await?;
+        let (h, _) = read_option_reply(r).await?;
+        extended = h.reply_type == REP_ACK;
+    }
+    let structured = extended || {
+        send_option(w, &ClientOption::StructuredReply).await?;
+        let (h, _) = read_option_reply(r).await?;
+        h.reply_type == REP_ACK
+    };
 
     let mut meta_id = None;
     if structured {
@@ -1069,6 +1146,7 @@ async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         preferred_block: 4096,
         max_payload: DEFAULT_MAX_PAYLOAD,
         structured,
+        extended,
         meta_id,
         description: None,
     };
@@ -1096,8 +1174,9 @@ async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 InfoReply::Name(_) | InfoReply::Unknown(_) => {}
             },
             REP_ACK => break,
-            REP_ERR_UNSUP => {
-                // Old server: fall back to NBD_OPT_EXPORT_NAME (no error reporting possible).
+            REP_ERR_UNSUP if !extended => {
+                // Old server: fall back to NBD_OPT_EXPORT_NAME (no error reporting possible). Not after
+                // extended headers, which forbid it (and a server that offers them must support GO).
                 send_option(w, &ClientOption::ExportName(export.to_string())).await?;
                 p.size = r.read_u64().await?;
                 p.flags = r.read_u16().await?;
@@ -1135,16 +1214,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     w: W,
     mut rx: mpsc::UnboundedReceiver<Frame>,
     shared: Arc<Shared>,
+    extended: bool,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, w);
     let res: std::io::Result<()> = async {
         while let Some(f) = rx.recv().await {
-            w.write_all(&f.header).await?;
+            w.write_all(f.header()).await?;
             if let Some(p) = &f.payload {
                 w.write_all(p).await?;
             }
             while let Ok(f) = rx.try_recv() {
-                w.write_all(&f.header).await?;
+                w.write_all(f.header()).await?;
                 if let Some(p) = &f.payload {
                     w.write_all(p).await?;
                 }
@@ -1156,7 +1236,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             command: CMD_DISC,
             ..Default::default()
         };
-        w.write_all(&codec::encode_request_header(&disc)).await?;
+        w.write_all(Frame::new(&disc, extended, None).header())
+            .await?;
         w.flush().await?;
         w.shutdown().await
     }
@@ -1185,12 +1266,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut r: BufReader<R>,
     shared: Arc<Shared>,
     meta_id: Option<u32>,
+    extended: bool,
 ) {
     let mut guard = FailPendingOnDrop {
         shared: &shared,
         why: "the reply reader stopped".into(),
     };
-    guard.why = match read_replies(&mut r, &shared, meta_id).await {
+    guard.why = match read_replies(&mut r, &shared, meta_id, extended).await {
         Ok(()) => "server closed the connection".to_string(),
         Err(e) => {
             warn!(error = %e, "NBD client connection failed");
@@ -1244,8 +1326,9 @@ async fn read_replies<R: AsyncRead + Unpin>(
     r: &mut BufReader<R>,
     shared: &Shared,
     meta_id: Option<u32>,
+    extended: bool,
 ) -> Result<(), NbdError> {
-    let mut hdr = [0u8; CHUNK_HEADER_LEN];
+    let mut hdr = [0u8; EXT_CHUNK_HEADER_LEN];
     loop {
         match r.read_exact(&mut hdr[..4]).await {
             Ok(_) => {}
@@ -1253,6 +1336,14 @@ async fn read_replies<R: AsyncRead + Unpin>(
             Err(e) => return Err(e.into()),
         }
         let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        // Extended headers replace both other reply forms; without them, extended replies are not allowed.
+        if (magic == EXTENDED_REPLY_MAGIC) != extended {
+            return Err(ProtocolError::BadMagic {
+                what: if extended { "extended reply" } else { "reply" },
+                found: u64::from(magic),
+            }
+            .into());
+        }
         let n = codec::reply_header_len(magic)?;
         r.read_exact(&mut hdr[4..n]).await?;
         match codec::decode_reply_header(&hdr[..n])? {
@@ -1268,9 +1359,17 @@ async fn read_replies<R: AsyncRead + Unpin>(
                 typ,
                 handle,
                 length,
+                offset,
             } => {
                 let mut p = take_pending(shared, handle)?;
-                if let Err(e) = chunk(r, &mut p, typ, length, meta_id).await {
+                if offset.is_some_and(|o| o != p.offset) {
+                    let e = malformed(
+                        "extended reply",
+                        format!("offset {offset:?} does not echo the request's {}", p.offset),
+                    );
+                    return Err(fail(p, e));
+                }
+                if let Err(e) = chunk(r, &mut p, typ, length, meta_id, extended).await {
                     return Err(fail(p, e));
                 }
                 if flags & REPLY_FLAG_DONE != 0 {
@@ -1349,8 +1448,9 @@ async fn chunk<R: AsyncRead + Unpin>(
     r: &mut R,
     p: &mut Pending,
     typ: u16,
-    length: u32,
+    length: u64,
     meta_id: Option<u32>,
+    extended: bool,
 ) -> Result<(), NbdError> {
     match typ {
         REPLY_TYPE_NONE => {
@@ -1371,7 +1471,7 @@ async fn chunk<R: AsyncRead + Unpin>(
                 return Err(malformed("OFFSET_DATA chunk", format!("length {length}")));
             }
             let off = r.read_u64().await?;
-            let n = u64::from(length - 8);
+            let n = length - 8;
             let start = place_chunk(*offset, buf.len(), covered, off, n, "OFFSET_DATA chunk")?;
             r.read_exact(&mut buf[start..start + n as usize]).await?;
         }
@@ -1394,13 +1494,19 @@ async fn chunk<R: AsyncRead + Unpin>(
             let start = place_chunk(*offset, buf.len(), covered, off, n, "OFFSET_HOLE chunk")?;
             buf[start..start + n as usize].fill(0);
         }
-        REPLY_TYPE_BLOCK_STATUS => {
+        REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
             if length > MAX_CONTROL_CHUNK {
                 return Err(malformed("BLOCK_STATUS chunk", format!("length {length}")));
             }
+            if typ == REPLY_TYPE_BLOCK_STATUS_EXT && !extended {
+                return Err(malformed(
+                    "BLOCK_STATUS_EXT chunk",
+                    "without extended headers",
+                ));
+            }
             let mut d = vec![0u8; length as usize];
             r.read_exact(&mut d).await?;
-            let (id, descs) = codec::decode_block_status(&d)?;
+            let (id, descs) = codec::decode_block_status(typ, &d)?;
             let Op::Status {
                 offset,
                 len,
@@ -1421,7 +1527,7 @@ async fn chunk<R: AsyncRead + Unpin>(
                 if pos >= end || l == 0 {
                     break;
                 }
-                let l = u64::from(l).min(end - pos);
+                let l = l.min(end - pos);
                 let kind = if f & STATE_HOLE != 0 {
                     ExtentKind::Hole
                 } else if f & STATE_ZERO != 0 {

@@ -6,9 +6,11 @@
 //! - [`codec`]: encoders and decoders for every handshake and transmission frame, shared by both ends.
 //!   Requests are parsed and validated into a typed [`codec::Request`] before anything executes them;
 //! - [`server`]: [`NbdServer`], an export registry plus Unix and TCP listeners, many connections, many requests
-//!   in flight per connection with out-of-order replies, structured replies with holes, `base:allocation`;
+//!   in flight per connection with out-of-order replies, structured replies with holes, `base:allocation`,
+//!   extended headers (64-bit lengths);
 //! - [`client`]: [`NbdClient`], a [`BlockDevice`] backed by a remote export (used for remote VM disks and for
-//!   testing the server against itself), with many requests in flight over one connection;
+//!   testing the server against itself), with many requests in flight over one connection, extended headers
+//!   when the server offers them;
 //! - [`tls`]: `NBD_OPT_STARTTLS` on both ends (X.509 certificates, rustls).
 //!
 //! The crate-level `nbd` crate on crates.io cannot serve here: it disconnects on options libnbd clients send and

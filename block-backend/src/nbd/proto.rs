@@ -15,6 +15,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Prefix of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Prefix of every transmission request once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Prefix of every reply chunk once extended headers are negotiated.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Server greeting length: NBDMAGIC + IHAVEOPT + 16-bit handshake flags.
 pub const GREETING_LEN: usize = 18;
@@ -22,12 +26,16 @@ pub const GREETING_LEN: usize = 18;
 pub const OPTION_HEADER_LEN: usize = 16;
 /// Option reply header length: magic + option + reply type + data length.
 pub const OPTION_REPLY_HEADER_LEN: usize = 20;
-/// Transmission request header length.
+/// Transmission request header length (compact headers).
 pub const REQUEST_HEADER_LEN: usize = 28;
+/// Transmission request header length with extended headers (64-bit length).
+pub const EXT_REQUEST_HEADER_LEN: usize = 32;
 /// Simple reply length (without read data).
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Structured reply chunk header length.
 pub const CHUNK_HEADER_LEN: usize = 20;
+/// Extended reply chunk header length (adds the request's offset, 64-bit payload length).
+pub const EXT_CHUNK_HEADER_LEN: usize = 32;
 /// Length of the reserved zeroes after an `NBD_OPT_EXPORT_NAME` reply (omitted with `NO_ZEROES`).
 pub const EXPORT_NAME_ZEROES: usize = 124;
 /// Longest string the spec allows (export names, descriptions, context names).
@@ -92,7 +100,7 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// Select metadata contexts for `NBD_CMD_BLOCK_STATUS`.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-/// 64-bit extended headers (not offered by Shale; answered with `ERR_UNSUP`).
+/// 64-bit extended headers for requests and replies (implies structured replies).
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
@@ -124,6 +132,8 @@ pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 /// Option payload too large.
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+/// Extended headers are required, or are already on (so structured replies cannot be asked for).
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
 
 // Info types (in `NBD_REP_INFO`).
 /// Size and transmission flags (always sent).
@@ -166,6 +176,8 @@ pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// Write zeroes: fail with `ENOTSUP` unless it is fast.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers: the length field is a payload length (that many bytes follow), not an effect length.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Structured reply flags and types.
 /// Final chunk of a reply.
@@ -178,6 +190,8 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Block status descriptors for one metadata context.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Block status descriptors with 64-bit lengths (extended headers only).
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// Bit 15 marks error chunk types.
 pub const REPLY_TYPE_FLAG_ERROR: u16 = 1 << 15;
 /// Error for the whole request.

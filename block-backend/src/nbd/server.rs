@@ -22,8 +22,20 @@
 //! with `NBD_REP_ERR_TLS_REQD` and hang up on `NBD_OPT_EXPORT_NAME`. A TLS connection's transmission runs the
 //! same pipeline over the TLS stream's halves; only the TLS handshake and session are extra.
 //!
+//! # Extended headers
+//! `NBD_OPT_EXTENDED_HEADERS` is accepted (qemu 8.2+ and libnbd 1.18+ ask for it first): requests and reply
+//! chunks then have 32-byte headers, every reply is a chunk echoing the request's offset (`NONE` for success
+//! without data), and trim, write-zeroes, cache and block status take 64-bit lengths, so a client can zero or
+//! map a whole large export in one request; block status then answers with `BLOCK_STATUS_EXT` (64-bit
+//! descriptor lengths). Reads and writes stay within the advertised maximum payload. A huge trim or
+//! write-zeroes runs as a sequence of 1 GiB device calls (`EFFECT_SLICE`). After extended headers,
+//! `NBD_OPT_STRUCTURED_REPLY` gets `NBD_REP_ERR_EXT_HEADER_REQD` and `NBD_OPT_EXPORT_NAME` (which a client
+//! MUST NOT send then, and which cannot be refused) ends the connection. One leniency: a write without
+//! `NBD_CMD_FLAG_PAYLOAD_LEN` is taken as carrying its length of payload, because qemu 10's client sends
+//! them so (qemu's server accepts them too); see [`codec::decode_request`].
+//!
 //! # Request life cycle
-//! `read 28-byte header → codec::decode_request (parse + validate) → acquire in-flight budget → read payload →
+//! `read 28-byte (32 with extended headers) header → codec::decode_request (parse + validate) → acquire in-flight budget → read payload →
 //! queue the execute future → reply to the writer → writer sends and releases the budget`. A refused request is answered
 //! with its errno (after its payload is skipped) and the session continues; a frame that breaks framing (bad
 //! magic, a write larger than the advertised maximum) ends only this connection, after every request already
@@ -382,6 +394,8 @@ pub struct ConnectionInfo {
     pub connected_at: SystemTime,
     /// Structured replies negotiated.
     pub structured: bool,
+    /// Extended headers negotiated (64-bit lengths; implies structured replies).
+    pub extended: bool,
     /// The connection runs over TLS.
     pub tls: bool,
     /// Read requests served.
@@ -417,6 +431,7 @@ struct ConnState {
     connected_at: SystemTime,
     export: Mutex<Option<String>>,
     structured: std::sync::atomic::AtomicBool,
+    extended: std::sync::atomic::AtomicBool,
     tls: std::sync::atomic::AtomicBool,
     counters: ConnCounters,
     kick: Notify,
@@ -431,6 +446,7 @@ impl ConnState {
             export: self.export.lock().clone(),
             connected_at: self.connected_at,
             structured: self.structured.load(Ordering::Relaxed),
+            extended: self.extended.load(Ordering::Relaxed),
             tls: self.tls.load(Ordering::Relaxed),
             reads: c.reads.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
@@ -773,6 +789,7 @@ impl NbdServer {
             connected_at: SystemTime::now(),
             export: Mutex::new(None),
             structured: Default::default(),
+            extended: Default::default(),
             tls: Default::default(),
             counters: ConnCounters::default(),
             kick: Notify::new(),
@@ -854,6 +871,7 @@ impl NbdServer {
         };
         state.tls.store(true, Ordering::Relaxed);
         state.structured.store(false, Ordering::Relaxed);
+        state.extended.store(false, Ordering::Relaxed);
         let (rd, mut wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(self.inner.config.read_buffer, rd);
         let hs = bounded(
@@ -1055,7 +1073,7 @@ where
     if !cflags.fixed_newstyle {
         tls = TlsStage::Unavailable;
     }
-    let mut structured = false;
+    let mut replies = Replies::default();
     // (canonical export name, base:allocation selected)
     let mut meta: Option<(String, bool)> = None;
     let mut data = Vec::new();
@@ -1110,6 +1128,14 @@ where
             continue;
         }
         match opt {
+            ClientOption::ExportName(_) if replies.extended => {
+                // A client that negotiated extended headers MUST NOT use EXPORT_NAME, which cannot be refused.
+                info!(
+                    conn = state.id,
+                    "NBD client sent EXPORT_NAME after negotiating extended headers"
+                );
+                return Ok(HandshakeEnd::Closed);
+            }
             ClientOption::ExportName(name) => {
                 let Some(export) = inner.source.lookup(&name).await else {
                     // EXPORT_NAME cannot be answered with an error: the spec says to hang up.
@@ -1117,7 +1143,7 @@ where
                     return Ok(HandshakeEnd::Closed);
                 };
                 let info = export.device.info();
-                let flags = transmission_flags(&export, &info, structured);
+                let flags = transmission_flags(&export, &info, replies.structured);
                 let mut v = Vec::with_capacity(8 + 2 + EXPORT_NAME_ZEROES);
                 codec::encode_export_name_reply(&mut v, info.size, flags, cflags.no_zeroes);
                 wr.write_all(&v).await?;
@@ -1129,7 +1155,7 @@ where
                     export,
                     &info,
                     flags,
-                    structured,
+                    replies,
                     block_status,
                 )));
             }
@@ -1169,9 +1195,34 @@ where
                     return Ok(HandshakeEnd::StartTls(cflags));
                 }
             },
+            ClientOption::StructuredReply if replies.extended => {
+                send_rep(
+                    wr,
+                    option,
+                    REP_ERR_EXT_HEADER_REQD,
+                    b"extended headers are already negotiated",
+                )
+                .await?;
+            }
             ClientOption::StructuredReply => {
-                structured = true;
+                replies.structured = true;
                 state.structured.store(true, Ordering::Relaxed);
+                send_rep(wr, option, REP_ACK, &[]).await?;
+            }
+            ClientOption::ExtendedHeaders if replies.extended => {
+                send_rep(
+                    wr,
+                    option,
+                    REP_ERR_INVALID,
+                    b"extended headers are already negotiated",
+                )
+                .await?;
+            }
+            ClientOption::ExtendedHeaders => {
+                replies.extended = true;
+                replies.structured = true;
+                state.structured.store(true, Ordering::Relaxed);
+                state.extended.store(true, Ordering::Relaxed);
                 send_rep(wr, option, REP_ACK, &[]).await?;
             }
             ClientOption::Info { name, requests } | ClientOption::Go { name, requests } => {
@@ -1183,7 +1234,7 @@ where
                     continue;
                 };
                 let info = export.device.info();
-                let flags = transmission_flags(&export, &info, structured);
+                let flags = transmission_flags(&export, &info, replies.structured);
                 let (min, pref, max) = block_sizes(&inner.config, &info);
                 let mut infos = vec![InfoReply::Export {
                     size: info.size,
@@ -1214,7 +1265,7 @@ where
                         export,
                         &info,
                         flags,
-                        structured,
+                        replies,
                         block_status,
                     )));
                 }
@@ -1223,7 +1274,7 @@ where
             ClientOption::ListMetaContext { export, queries }
             | ClientOption::SetMetaContext { export, queries } => {
                 let set = option == OPT_SET_META_CONTEXT;
-                if !structured {
+                if !replies.structured {
                     send_rep(
                         wr,
                         option,
@@ -1261,13 +1312,23 @@ where
     }
 }
 
+/// The reply framing negotiated so far on one connection.
+#[derive(Debug, Clone, Copy, Default)]
+struct Replies {
+    /// `NBD_OPT_STRUCTURED_REPLY` (or extended headers, which include it).
+    structured: bool,
+    /// `NBD_OPT_EXTENDED_HEADERS`.
+    extended: bool,
+}
+
 fn session(
     inner: &Inner,
     state: &ConnState,
     export: Arc<Export>,
     info: &DeviceInfo,
     flags: u16,
-    structured: bool,
+    replies: Replies,
+
     block_status: bool,
 ) -> Session {
     let (min, _, max) = block_sizes(&inner.config, info);
@@ -1278,7 +1339,8 @@ fn session(
             min_block: min,
             max_payload: max,
             flags,
-            structured,
+            structured: replies.structured,
+            extended: replies.extended,
             block_status,
         },
         export,
@@ -1311,12 +1373,14 @@ enum Reply {
     /// Block status descriptors.
     BlockStatus {
         handle: u64,
-        descriptors: Vec<(u32, u32)>,
+        descriptors: Vec<(u64, u32)>,
     },
 }
 
 struct Outgoing {
     reply: Reply,
+    /// The request's offset, which extended reply headers echo.
+    offset: u64,
     /// In-flight budget, returned once the reply is on the socket.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -1438,10 +1502,12 @@ impl ConnCtx {
         self.error_reply(handle, wire_errno(e), e.to_string())
     }
 
-    fn send(&self, reply: Reply, permit: Option<OwnedSemaphorePermit>) {
+    /// Queue the reply to the request at `offset`.
+    fn send(&self, offset: u64, reply: Reply, permit: Option<OwnedSemaphorePermit>) {
         // The writer is gone only when the connection is closing; the reply has nowhere to go.
         let _ = self.tx.send(Outgoing {
             reply,
+            offset,
             _permit: permit,
         });
     }
@@ -1453,7 +1519,7 @@ impl ConnCtx {
         let h = req.handle;
         let c = &self.state.counters;
         let dev = &*self.device;
-        let (offset, len) = (req.offset, u64::from(req.len));
+        let (offset, len) = (req.offset, req.len);
         let ok = Reply::Simple {
             handle: h,
             error: 0,
@@ -1461,14 +1527,16 @@ impl ConnCtx {
         let res: Result<Reply, BlockError> = match req.command {
             Command::Read { df } => {
                 c.reads.fetch_add(1, Ordering::Relaxed);
+                // Validated against the maximum payload, a u32.
+                let read_len = u32::try_from(len).unwrap_or(u32::MAX);
                 let read = semantics::execute(
                     dev,
                     SemReq::Read {
                         offset,
-                        len: req.len,
+                        len: read_len,
                     },
                 );
-                let sparse = self.neg.structured && !df && req.len >= self.sparse_read_min;
+                let sparse = self.neg.structured && !df && read_len >= self.sparse_read_min;
                 let (data, extents) = if sparse {
                     let (data, status) = tokio::join!(
                         read,
@@ -1517,9 +1585,11 @@ impl ConnCtx {
             }
             Command::Trim { fua } => {
                 c.writes.fetch_add(1, Ordering::Relaxed);
-                semantics::execute(dev, SemReq::Discard { offset, len, fua })
-                    .await
-                    .map(|_| ok)
+                for_slices(offset, len, |offset, len| {
+                    semantics::execute(dev, SemReq::Discard { offset, len, fua })
+                })
+                .await
+                .map(|_| ok)
             }
             Command::WriteZeroes { fua, no_hole, fast } => {
                 c.writes.fetch_add(1, Ordering::Relaxed);
@@ -1527,13 +1597,17 @@ impl ConnCtx {
                     // FAST_ZERO asks us to fail rather than be slow; the client will fall back to writing.
                     Err(BlockError::Unsupported("fast zero"))
                 } else {
-                    let r = SemReq::WriteZeroes {
-                        offset,
-                        len,
-                        may_trim: !no_hole,
-                        fua,
-                    };
-                    semantics::execute(dev, r).await.map(|_| ok)
+                    for_slices(offset, len, |offset, len| {
+                        let r = SemReq::WriteZeroes {
+                            offset,
+                            len,
+                            may_trim: !no_hole,
+                            fua,
+                        };
+                        semantics::execute(dev, r)
+                    })
+                    .await
+                    .map(|_| ok)
                 }
             }
             Command::Cache => semantics::execute(dev, SemReq::Cache { offset, len })
@@ -1563,13 +1637,36 @@ fn state_flags(kind: ExtentKind) -> u32 {
     }
 }
 
+/// Largest range one device call of a trim or write-zeroes covers. With extended headers one request may span
+/// the whole export; the devices build per-cluster work for a range, so a huge range runs as a sequence of
+/// calls of this size rather than one call whose bookkeeping grows with the request.
+const EFFECT_SLICE: u64 = 1 << 30;
+
+/// Run `op` over `[offset, offset+len)` in [`EFFECT_SLICE`]-sized pieces, one after another, stopping at the
+/// first error.
+async fn for_slices<F, Fut>(offset: u64, len: u64, mut op: F) -> Result<(), BlockError>
+where
+    F: FnMut(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, BlockError>>,
+{
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(EFFECT_SLICE);
+        op(pos, n).await?;
+        pos += n;
+    }
+    Ok(())
+}
+
 /// Turn device extents into `base:allocation` descriptors clipped to the request, merged when adjacent ones
 /// share flags. The device returns at least the first byte; if it returns nothing usable the whole range is
-/// reported as allocated data (status 0 is always safe).
-fn descriptors(extents: &[Extent], offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
-    let end = offset + u64::from(len);
+/// reported as allocated data (status 0 is always safe). Descriptor lengths never exceed `len`, so a compact
+/// (32-bit) request gets descriptors that fit the compact chunk.
+fn descriptors(extents: &[Extent], offset: u64, len: u64, req_one: bool) -> Vec<(u64, u32)> {
+    let end = offset + len;
     let mut pos = offset;
-    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut out: Vec<(u64, u32)> = Vec::new();
     for e in extents {
         let s = e.offset.max(pos);
         let t = e.offset.saturating_add(e.length).min(end);
@@ -1580,7 +1677,7 @@ fn descriptors(extents: &[Extent], offset: u64, len: u32, req_one: bool) -> Vec<
             break; // a gap: report only the contiguous prefix
         }
         let flags = state_flags(e.kind);
-        let l = (t - s) as u32;
+        let l = t - s;
         match out.last_mut() {
             Some((ll, f)) if *f == flags => *ll += l,
             _ => out.push((l, flags)),
@@ -1610,7 +1707,7 @@ async fn transmission<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(write_loop(wr, rx, session.neg.structured, state.clone()));
+    let writer = tokio::spawn(write_loop(wr, rx, session.neg.extended, state.clone()));
     let ctx = Arc::new(ConnCtx {
         info: session.export.device.info(),
         device: session.export.device.clone(),
@@ -1674,20 +1771,22 @@ where
 {
     let state = &ctx.state;
     loop {
-        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        let mut buf = [0u8; EXT_REQUEST_HEADER_LEN];
+        let hdr = &mut buf[..ctx.neg.request_header_len()];
         tokio::select! {
             biased;
             _ = state.kick.notified() => return Ok(()),
-            r = rd.read_exact(&mut hdr) => match r {
+            r = rd.read_exact(hdr) => match r {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(e.into()),
             },
         }
-        let req = match codec::decode_request(&hdr, &ctx.neg) {
+        let req = match codec::decode_request(hdr, &ctx.neg) {
             Ok(r) => r,
             Err(ProtocolError::Rejected {
                 handle,
+                offset,
                 command,
                 errno,
                 skip,
@@ -1702,12 +1801,9 @@ where
                     "NBD request refused"
                 );
                 if skip > 0 {
-                    let n = tokio::io::copy(
-                        &mut (&mut *rd).take(u64::from(skip)),
-                        &mut tokio::io::sink(),
-                    )
-                    .await?;
-                    if n < u64::from(skip) {
+                    let n =
+                        tokio::io::copy(&mut (&mut *rd).take(skip), &mut tokio::io::sink()).await?;
+                    if n < skip {
                         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
                     }
                 }
@@ -1717,17 +1813,28 @@ where
                     return Ok(());
                 };
                 let reply = ctx.error_reply(handle, errno as u32, reason.to_string());
-                ctx.send(reply, Some(permit));
+                ctx.send(offset, reply, Some(permit));
                 continue;
             }
-            Err(ProtocolError::PayloadTooLarge { handle, len, max }) => {
+            Err(ProtocolError::PayloadTooLarge {
+                handle,
+                offset,
+                len,
+                max,
+            }) => {
                 let reply = ctx.error_reply(
                     handle,
                     errno::EOVERFLOW as u32,
                     format!("payload {len} exceeds {max}"),
                 );
-                ctx.send(reply, None);
-                return Err(ProtocolError::PayloadTooLarge { handle, len, max }.into());
+                ctx.send(offset, reply, None);
+                return Err(ProtocolError::PayloadTooLarge {
+                    handle,
+                    offset,
+                    len,
+                    max,
+                }
+                .into());
             }
             Err(e) => return Err(e.into()),
         };
@@ -1735,7 +1842,7 @@ where
             return Ok(());
         }
         let bytes = match req.command {
-            Command::Read { .. } | Command::Write { .. } => u64::from(req.len),
+            Command::Read { .. } | Command::Write { .. } => req.len,
             _ => 0,
         };
         let units = (bytes / BUDGET_UNIT).clamp(1, u64::from(total_units)) as u32;
@@ -1759,10 +1866,7 @@ where
             }
             Command::Flush | Command::Cache | Command::Disconnect => None,
         }
-        .map(|writes| {
-            ctx.order
-                .register(req.offset, req.offset + u64::from(req.len), writes)
-        });
+        .map(|writes| ctx.order.register(req.offset, req.offset + req.len, writes));
         let ctx = ctx.clone();
         running.lock().push(Box::pin(async move {
             let guard = range.map(|(seq, done, deps)| {
@@ -1784,7 +1888,7 @@ where
             let reply = ctx.execute(req, payload).await;
             drop(guard);
             ctx.state.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-            ctx.send(reply, Some(permit));
+            ctx.send(req.offset, reply, Some(permit));
         }));
     }
 }
@@ -1822,12 +1926,30 @@ impl Batch {
         }
     }
 
-    fn encode(&mut self, out: Outgoing, structured: bool) {
+    /// Append bytes to the header area with `put`, then record them as one segment (merged with a preceding
+    /// header segment): the codec's `put_*` encoders write in place, with no buffer per reply.
+    fn put_meta(&mut self, put: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.meta.len();
+        put(&mut self.meta);
+        match self.segs.last_mut() {
+            Some(Seg::Meta(_, e)) if *e == start => *e = self.meta.len(),
+            _ => self.segs.push(Seg::Meta(start, self.meta.len())),
+        }
+    }
+
+    /// Encode one reply. `extended`: the connection negotiated extended headers, so every reply is a chunk
+    /// with a 32-byte header echoing the request's offset, and simple replies become `NONE` or `ERROR` chunks.
+    fn encode(&mut self, out: Outgoing, extended: bool) {
         let idx = self.items.len();
+        let framing = extended.then_some(out.offset);
         match &out.reply {
-            Reply::Simple { handle, error } => {
-                self.push_meta(&codec::encode_simple_reply(*error, *handle))
-            }
+            Reply::Simple { handle, error } => match (framing, *error) {
+                (None, _) => self.push_meta(&codec::encode_simple_reply(*error, *handle)),
+                (Some(_), 0) => self.put_meta(|m| codec::put_none(m, framing, *handle)),
+                (Some(_), e) => {
+                    self.put_meta(|m| codec::put_error_chunk(m, framing, *handle, e, ""))
+                }
+            },
             Reply::SimpleRead { handle, buf } => {
                 self.push_meta(&codec::encode_simple_reply(0, *handle));
                 self.push_data(idx, buf, 0, buf.len());
@@ -1844,20 +1966,17 @@ impl Batch {
                 for (i, (start, end, hole)) in chunks.into_iter().enumerate() {
                     let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
                     let off = *offset + start as u64;
+                    let chunk_len = (end - start) as u32;
                     if hole {
-                        self.push_meta(&codec::encode_offset_hole(
-                            flags,
-                            *handle,
-                            off,
-                            (end - start) as u32,
-                        ));
+                        self.put_meta(|m| {
+                            codec::put_offset_hole(m, framing, flags, *handle, off, chunk_len)
+                        });
                     } else {
-                        self.push_meta(&codec::encode_offset_data_header(
-                            flags,
-                            *handle,
-                            off,
-                            (end - start) as u32,
-                        ));
+                        self.put_meta(|m| {
+                            codec::put_offset_data_header(
+                                m, framing, flags, *handle, off, chunk_len,
+                            )
+                        });
                         self.push_data(idx, buf, start, end);
                     }
                 }
@@ -1867,21 +1986,15 @@ impl Batch {
                 error,
                 message,
             } => {
-                if structured {
-                    let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + message.len());
-                    codec::encode_error_chunk(&mut v, *handle, *error, message);
-                    self.push_meta(&v);
-                } else {
-                    self.push_meta(&codec::encode_simple_reply(*error, *handle));
-                }
+                self.put_meta(|m| codec::put_error_chunk(m, framing, *handle, *error, message));
             }
             Reply::BlockStatus {
                 handle,
                 descriptors,
             } => {
-                let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + 4 + 8 * descriptors.len());
-                codec::encode_block_status(&mut v, *handle, BASE_ALLOCATION_ID, descriptors);
-                self.push_meta(&v);
+                self.put_meta(|m| {
+                    codec::put_block_status(m, framing, *handle, BASE_ALLOCATION_ID, descriptors)
+                });
             }
         }
         self.items.push(out);
@@ -1971,7 +2084,7 @@ fn read_chunks(extents: Option<&[Extent]>, offset: u64, len: usize) -> Vec<(usiz
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    structured: bool,
+    extended: bool,
     state: Arc<ConnState>,
 ) {
     let mut batch = Batch {
@@ -1984,10 +2097,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if broken {
             continue; // keep draining so request tasks can finish and release their budget
         }
-        batch.encode(first, structured);
+        batch.encode(first, extended);
         while batch.items.len() < 256 && batch.meta.len() < (1 << 20) {
             match rx.try_recv() {
-                Ok(o) => batch.encode(o, structured),
+                Ok(o) => batch.encode(o, extended),
                 Err(_) => break,
             }
         }
