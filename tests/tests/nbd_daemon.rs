@@ -7,7 +7,8 @@
 //! (`NAME`, `SR/NAME`, UUID; ambiguous bare names refused), a clean daemon stop with a client connected,
 //! verified fio stress while snapshots are taken, destroyed and collected, and a full SR (ENOSPC to the client,
 //! the export still serving) followed by `kill -9` of the daemon (flushed and FUA writes survive), and TLS
-//! (`nbds://`, client certificates) with certificates from `tools/nbd-tls-certs.sh`.
+//! (`nbds://`, client certificates) with certificates from `tools/nbd-tls-certs.sh`, and extended headers
+//! (qemu negotiates them; 64-bit zeroing and maps of a VDI larger than 4 GiB).
 //!
 //! A test whose client tool is missing prints `SKIP: ...` and passes.
 
@@ -808,4 +809,64 @@ fn tls_exports_with_real_clients() {
     ));
     let info = run_ok(&mut cmd("nbdinfo", &["--size", &tls_uri]));
     assert_eq!(info.trim(), "33554432");
+}
+
+/// qemu 10 negotiates extended headers with the daemon (`nbd list` says so), zeroes 6 GiB of an 8 GiB thin VDI
+/// in 64-bit requests without touching the data beyond, and maps it; nbdinfo (libnbd 1.14, no extended
+/// headers) sees the same map through structured replies.
+#[test]
+fn qemu_uses_extended_headers_on_a_large_thin_vdi() {
+    if !(have("qemu-io") && have("qemu-img") && have("nbdinfo")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("state"));
+    create_vdi(&d, "big", "8G");
+    let uri = unix_uri(&d, "big");
+    run_ok(&mut qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0xcd 6G 1M",
+            "write -z -u -n 0 6G",
+            "read -P 0 0 1M",
+            "read -P 0xcd 6G 1M",
+            "flush",
+        ],
+    ));
+    let gib = 1u64 << 30;
+    let out = run_ok(&mut cmd(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &uri],
+    ));
+    let rows: Vec<Value> = serde_json::from_str(&out).expect("qemu-img map JSON");
+    let data: Vec<(u64, u64)> = rows
+        .iter()
+        .filter(|r| r["data"] == true)
+        .map(|r| (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, [(6 * gib, 1 << 20)], "qemu-img map: {out}");
+    assert_eq!(
+        map(&uri),
+        [
+            (0, 6 * gib, 3),
+            (6 * gib, 1 << 20, 0),
+            (6 * gib + (1 << 20), 2 * gib - (1 << 20), 3)
+        ],
+        "nbdinfo --map"
+    );
+    let h = Holder::open(&uri);
+    wait_for("qemu-io's connection", || {
+        !connections_to(&d, "local/big").is_empty()
+    });
+    let conns = connections_to(&d, "local/big");
+    assert_eq!(conns[0]["extended"], true, "{conns:?}");
+    let text = d.shale(["nbd", "list"]).ok().stdout.clone();
+    assert!(
+        text.contains("REPLIES") && text.contains("extended"),
+        "{text}"
+    );
+    h.close();
+    let st = d.stop();
+    assert!(st.success(), "daemon exit: {st}");
 }
