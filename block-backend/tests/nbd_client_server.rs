@@ -374,6 +374,22 @@ async fn replies_are_out_of_order() {
     );
 }
 
+/// A TCP connection to `s` past the greeting, with fixed newstyle and no-zeroes sent: ready for options.
+async fn greeted(s: &Served) -> TcpStream {
+    let addr = match s.tcp.local_addr() {
+        shale_block::nbd::ListenAddr::Tcp(a) => *a,
+        other => panic!("{other:?}"),
+    };
+    let mut st = TcpStream::connect(addr).await.unwrap();
+    let mut g = [0u8; GREETING_LEN];
+    st.read_exact(&mut g).await.unwrap();
+    codec::decode_greeting(&g).unwrap();
+    st.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+        .await
+        .unwrap();
+    st
+}
+
 /// Minimal hand-rolled client for sending exactly the frames a test wants.
 struct RawConn {
     s: TcpStream,
@@ -394,17 +410,7 @@ impl RawConn {
     }
 
     async fn negotiate(s: &Served, export: &str, structured: bool, extended: bool) -> RawConn {
-        let addr = match s.tcp.local_addr() {
-            shale_block::nbd::ListenAddr::Tcp(a) => *a,
-            other => panic!("{other:?}"),
-        };
-        let mut st = TcpStream::connect(addr).await.unwrap();
-        let mut g = [0u8; GREETING_LEN];
-        st.read_exact(&mut g).await.unwrap();
-        codec::decode_greeting(&g).unwrap();
-        st.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-            .await
-            .unwrap();
+        let mut st = greeted(s).await;
         let mut opts = vec![];
         if extended {
             opts.push(codec::ClientOption::ExtendedHeaders);
@@ -1322,16 +1328,7 @@ async fn extended_header_frames_follow_the_spec() {
     other.disconnect().await;
 
     // EXPORT_NAME after extended headers breaks a MUST NOT: the server hangs up.
-    let addr = match s.tcp.local_addr() {
-        shale_block::nbd::ListenAddr::Tcp(a) => *a,
-        other => panic!("{other:?}"),
-    };
-    let mut st = TcpStream::connect(addr).await.unwrap();
-    let mut g = [0u8; GREETING_LEN];
-    st.read_exact(&mut g).await.unwrap();
-    st.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
-        .await
-        .unwrap();
+    let mut st = greeted(&s).await;
     let mut v = vec![];
     codec::encode_option(&codec::ClientOption::ExtendedHeaders, &mut v);
     st.write_all(&v).await.unwrap();
