@@ -789,7 +789,7 @@ impl Rng {
 /// Random request frames for an export of `size` bytes: known and unknown commands, any flag bits, offsets and
 /// lengths in range, just past the end, misaligned or absurd, writes with their payload, a truncated one, or
 /// none, and stretches of garbage. Returns the bytes to send.
-fn random_frames(rng: &mut Rng, size: u64) -> Vec<u8> {
+fn random_frames(rng: &mut Rng, size: u64, extended: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for handle in 0..1 + rng.below(8) {
         match rng.below(10) {
@@ -821,7 +821,9 @@ fn random_frames(rng: &mut Rng, size: u64) -> Vec<u8> {
                         CMD_FLAG_NO_HOLE,
                         CMD_FLAG_REQ_ONE,
                         CMD_FLAG_FAST_ZERO,
+                        CMD_FLAG_PAYLOAD_LEN,
                     ]),
+                    2 if extended && command == CMD_WRITE => CMD_FLAG_PAYLOAD_LEN,
                     _ => 0,
                 };
                 let offset = match rng.below(8) {
@@ -831,24 +833,31 @@ fn random_frames(rng: &mut Rng, size: u64) -> Vec<u8> {
                     _ => rng.below(size / 512 - 64) * 512,
                 };
                 let length = match rng.below(8) {
-                    0 => rng.next() as u32,
-                    1 => 1 + rng.below(70_000) as u32,
-                    _ => (1 + rng.below(64) as u32) * 512,
+                    0 if extended => rng.next(),
+                    0 => u64::from(rng.next() as u32),
+                    1 => 1 + rng.below(70_000),
+                    _ => (1 + rng.below(64)) * 512,
                 };
-                out.extend(codec::encode_request_header(&RequestHeader {
+                let h = RequestHeader {
                     flags,
                     command,
                     handle,
                     offset,
-                    length: u64::from(length),
-                }));
-                if command == CMD_WRITE {
+                    length,
+                };
+                if extended {
+                    out.extend(codec::encode_ext_request_header(&h));
+                } else {
+                    out.extend(codec::encode_request_header(&h));
+                }
+                let payload = command == CMD_WRITE || extended && flags & CMD_FLAG_PAYLOAD_LEN != 0;
+                if payload {
                     let sent = match rng.below(6) {
-                        0 => rng.below(u64::from(length).min(1 << 17) + 1),
-                        _ => u64::from(length).min(1 << 17),
+                        0 => rng.below(length.min(1 << 17) + 1),
+                        _ => length.min(1 << 17),
                     };
                     out.extend((0..sent).map(|i| (i as u8) ^ 0x5a));
-                    if sent < u64::from(length) {
+                    if sent < length {
                         break; // the rest of the stream would be payload
                     }
                 }
@@ -858,18 +867,28 @@ fn random_frames(rng: &mut Rng, size: u64) -> Vec<u8> {
     out
 }
 
-/// Read what the server sends on a structured-reply connection until it closes or goes quiet, checking that
-/// every reply frame is well formed: a valid magic, a known handle, a chunk length that is read in full.
-async fn well_formed_replies(st: &mut (impl tokio::io::AsyncRead + Unpin), seed: u64) {
+/// Read what the server sends on a structured-reply (or extended-header) connection until it closes or goes
+/// quiet, checking that every reply frame is well formed: a valid magic for the negotiated framing, a known
+/// handle, a chunk length that is read in full.
+async fn well_formed_replies(
+    st: &mut (impl tokio::io::AsyncRead + Unpin),
+    seed: u64,
+    extended: bool,
+) {
     let quiet = Duration::from_secs(5);
     loop {
-        let mut hdr = [0u8; CHUNK_HEADER_LEN];
+        let mut hdr = [0u8; EXT_CHUNK_HEADER_LEN];
         match tokio::time::timeout(quiet, st.read_exact(&mut hdr[..4])).await {
             Err(_) => panic!("seed {seed:#x}: server neither replied nor closed"),
             Ok(Err(_)) => return, // closed
             Ok(Ok(_)) => {}
         }
         let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        assert_eq!(
+            magic == EXTENDED_REPLY_MAGIC,
+            extended,
+            "seed {seed:#x}: reply magic {magic:#x}"
+        );
         let n = codec::reply_header_len(magic)
             .unwrap_or_else(|e| panic!("seed {seed:#x}: bad reply: {e}"));
         if st.read_exact(&mut hdr[4..n]).await.is_err() {
@@ -881,6 +900,10 @@ async fn well_formed_replies(st: &mut (impl tokio::io::AsyncRead + Unpin), seed:
             }
             codec::ReplyHeader::Chunk { handle, length, .. } => {
                 assert!(handle < 8, "seed {seed:#x}: handle {handle}");
+                assert!(
+                    length <= 64 << 20,
+                    "seed {seed:#x}: chunk of {length} bytes"
+                );
                 let mut payload = vec![0u8; length as usize];
                 if st.read_exact(&mut payload).await.is_err() {
                     return;
@@ -892,7 +915,8 @@ async fn well_formed_replies(st: &mut (impl tokio::io::AsyncRead + Unpin), seed:
 
 /// Hundreds of connections sending random frames (see [`random_frames`]) to one export, then hanging up, while
 /// another export holds acknowledged data: every connection ends cleanly (well-formed replies, then a close),
-/// the server keeps serving, and the other export's data is intact.
+/// the server keeps serving, and the other export's data is intact. Every other connection negotiates extended
+/// headers and sends extended frames (64-bit lengths, the payload flag on any command).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_frames_cost_only_their_connection() {
     // A panic in a connection's task would only close that connection, which this test expects of bad
@@ -919,15 +943,20 @@ async fn random_frames_cost_only_their_connection() {
     for i in 0..500u64 {
         let seed = base.wrapping_add(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         let mut rng = Rng(seed);
-        let frames = random_frames(&mut rng, MIB);
-        let raw = RawConn::connect(&s, "fuzz", true).await;
+        let extended = i % 2 == 1;
+        let frames = random_frames(&mut rng, MIB, extended);
+        let raw = if extended {
+            RawConn::connect_extended(&s, "fuzz").await
+        } else {
+            RawConn::connect(&s, "fuzz", true).await
+        };
         let (mut rd, mut wr) = raw.s.into_split();
         let send = async move {
             // The server may close first (that is the point); a failed write is fine.
             let _ = wr.write_all(&frames).await;
             let _ = wr.shutdown().await;
         };
-        tokio::join!(send, well_formed_replies(&mut rd, seed));
+        tokio::join!(send, well_formed_replies(&mut rd, seed, extended));
         assert_eq!(
             PANICS.load(std::sync::atomic::Ordering::SeqCst),
             0,
