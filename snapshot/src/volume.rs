@@ -1495,17 +1495,21 @@ mod tests {
     /// After a snapshot, the head's partial entries are tabled in the head table with their effective masks:
     /// a deferred widening shows at once, a commit of it changes nothing, a widening to the whole cluster
     /// clears the slot (the next lookup tables the full entry), and the data read back is right throughout.
-    #[tokio::test]
-    async fn partial_entries_are_tabled_with_effective_masks() {
-        use crate::engine::{Engine, SrConfig};
-        let cs = 65536u64;
-        let t = tempfile::tempdir().expect("tempdir");
+    /// A fresh SR of 64 KiB clusters in `dir`.
+    fn engine(dir: &std::path::Path) -> crate::engine::Engine {
         let io = shale_block::uring::IoEngine::new(Default::default()).expect("io engine");
-        let cfg = SrConfig {
-            cluster_size: cs as u32,
+        let cfg = crate::engine::SrConfig {
+            cluster_size: 65536,
             capacity: None,
         };
-        let e = Engine::create(&t.path().join("sr"), cfg, io).expect("sr");
+        crate::engine::Engine::create(&dir.join("sr"), cfg, io).expect("sr")
+    }
+
+    #[tokio::test]
+    async fn partial_entries_are_tabled_with_effective_masks() {
+        let cs = 65536u64;
+        let t = tempfile::tempdir().expect("tempdir");
+        let e = engine(t.path());
         let v = e.create_vdi("v", 4 * cs).await.expect("vdi");
         let vol = e.open_volume(v.uuid).expect("volume");
         vol.write(
@@ -1570,15 +1574,9 @@ mod tests {
     /// `Inner::sync_wal` off the I/O thread. A non-FUA write leaves its commit unsynced.
     #[tokio::test]
     async fn fua_writes_return_with_their_map_entries_synced() {
-        use crate::engine::{Engine, SrConfig};
         let cs = 65536u64;
         let t = tempfile::tempdir().expect("tempdir");
-        let io = shale_block::uring::IoEngine::new(Default::default()).expect("io engine");
-        let cfg = SrConfig {
-            cluster_size: cs as u32,
-            capacity: None,
-        };
-        let e = Engine::create(&t.path().join("sr"), cfg, io).expect("sr");
+        let e = engine(t.path());
         let v = e.create_vdi("v", 16 * cs).await.expect("vdi");
         let vol = e.open_volume(v.uuid).expect("volume");
         let inner = e.inner.clone();
