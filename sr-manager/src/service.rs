@@ -65,6 +65,7 @@ fn caps(c: Capabilities) -> proto::Capabilities {
         digest: c.digest,
         check: c.check,
         gc: c.gc,
+        offloaded_snapshots: c.offloaded_snapshots,
     }
 }
 
@@ -350,5 +351,23 @@ impl Shale for ShaleService {
 
     async fn nbd_list(&self, _req: Request<proto::NbdListRequest>) -> Reply<proto::NbdListReply> {
         Ok(Response::new(self.nbd()?.list().await))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every capability reaches the wire, offloaded snapshots (the reflink type's) included.
+    #[test]
+    fn capabilities_reach_the_wire() {
+        let c = caps(Capabilities {
+            snapshot: true,
+            clone: true,
+            offloaded_snapshots: true,
+            ..Default::default()
+        });
+        assert!(c.snapshot && c.clone && c.offloaded_snapshots && !c.thin);
+        assert!(!caps(Capabilities::default()).offloaded_snapshots);
     }
 }

@@ -183,6 +183,7 @@ pub fn sr_fields(s: &proto::Sr) -> String {
             (c.digest, "digest"),
             (c.check, "check"),
             (c.gc, "gc"),
+            (c.offloaded_snapshots, "offloaded-snapshots"),
         ] {
             if on {
                 caps.push(name);
@@ -292,6 +293,35 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
+    }
+
+    /// `sr show` lists what an SR type does itself, including snapshots offloaded to the backend.
+    #[test]
+    fn capabilities_include_offloaded_snapshots() {
+        let sr = proto::Sr {
+            name: "fast".into(),
+            capabilities: Some(proto::Capabilities {
+                snapshot: true,
+                clone: true,
+                offloaded_snapshots: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let f = sr_fields(&sr);
+        assert!(
+            f.contains("capabilities:") && f.contains("snapshot clone offloaded-snapshots"),
+            "{f}"
+        );
+        let thin = proto::Sr {
+            capabilities: Some(proto::Capabilities {
+                thin: true,
+                snapshot: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(!sr_fields(&thin).contains("offloaded"));
     }
 
     #[test]
