@@ -10,7 +10,10 @@
 //!   returns an empty buffer;
 //! - FUA on a write or write-zeroes is passed to the device, which makes the data durable itself; a FUA discard
 //!   (NBD allows it) is followed by a flush, since [`BlockDevice::discard`] takes no flags;
-//! - `Cache` (NBD's prefetch hint) is validated and acknowledged; Shale volumes have no read cache to warm.
+//! - `Cache` (NBD's prefetch hint) is validated and acknowledged; Shale volumes have no read cache to warm;
+//! - a discard or write-zeroes longer than [`EFFECT_SLICE`] reaches the device as a sequence of calls of at most
+//!   that size: NBD with extended headers and virtio-blk (32-bit sector counts, up to 2 TiB a segment) can ask
+//!   for terabytes at once, and devices build per-cluster work for the range they are given.
 
 use crate::buf::IoBuf;
 use crate::device::{check_range, check_write, BlockDevice, Extent, WriteFlags};
@@ -84,6 +87,26 @@ pub enum Response {
     Extents(Vec<Extent>),
 }
 
+/// Largest range one device call of a discard or write-zeroes covers (see the module docs).
+pub const EFFECT_SLICE: u64 = 1 << 30;
+
+/// Run `op` over `[offset, offset+len)` in [`EFFECT_SLICE`]-sized pieces, one after another, stopping at the
+/// first error.
+async fn in_slices<F, Fut>(offset: u64, len: u64, mut op: F) -> Result<()>
+where
+    F: FnMut(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let n = (end - pos).min(EFFECT_SLICE);
+        op(pos, n).await?;
+        pos += n;
+    }
+    Ok(())
+}
+
 /// Validate `req` against `dev` and carry it out. Errors are [`crate::BlockError`]s; front ends map them to
 /// their codes with `errno()` / `virtio_status()`.
 pub async fn execute(dev: &dyn BlockDevice, req: Request) -> Result<Response> {
@@ -111,7 +134,7 @@ pub async fn execute(dev: &dyn BlockDevice, req: Request) -> Result<Response> {
         Request::Discard { offset, len, fua } => {
             check_write(&info, offset, len)?;
             if len != 0 {
-                dev.discard(offset, len).await?;
+                in_slices(offset, len, |o, n| dev.discard(o, n)).await?;
                 if fua {
                     dev.flush().await?;
                 }
@@ -126,8 +149,10 @@ pub async fn execute(dev: &dyn BlockDevice, req: Request) -> Result<Response> {
         } => {
             check_write(&info, offset, len)?;
             if len != 0 {
-                dev.write_zeroes(offset, len, may_trim, WriteFlags { fua })
-                    .await?;
+                in_slices(offset, len, |o, n| {
+                    dev.write_zeroes(o, n, may_trim, WriteFlags { fua })
+                })
+                .await?;
             }
             Ok(Response::Done)
         }
@@ -418,5 +443,96 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Records the ranges of discards and write-zeroes, and flushes, on a 4 TiB device that stores nothing.
+    #[derive(Default)]
+    struct Recorder {
+        calls: std::sync::Mutex<Vec<(&'static str, u64, u64, bool)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl BlockDevice for Recorder {
+        fn info(&self) -> crate::device::DeviceInfo {
+            crate::device::DeviceInfo {
+                size: 4 << 40,
+                block_size: 512,
+                preferred_block_size: 65536,
+                read_only: false,
+                can_trim: true,
+                can_fast_zero: true,
+                can_multi_conn: true,
+            }
+        }
+        async fn read(&self, _: u64, buf: IoBuf) -> Result<IoBuf> {
+            Ok(buf)
+        }
+        async fn write(&self, _: u64, _: IoBuf, _: WriteFlags) -> Result<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> Result<()> {
+            self.calls.lock().unwrap().push(("flush", 0, 0, false));
+            Ok(())
+        }
+        async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(("discard", offset, len, false));
+            Ok(())
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64, _: bool, f: WriteFlags) -> Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(("zeroes", offset, len, f.fua));
+            Ok(())
+        }
+        async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            Ok(vec![Extent {
+                offset,
+                length: len,
+                kind: ExtentKind::Hole,
+            }])
+        }
+    }
+
+    /// Terabyte discards and write-zeroes reach the device in slices of at most `EFFECT_SLICE`, covering the
+    /// range exactly once; a FUA discard still ends with one flush, and FUA write-zeroes pass FUA on each slice.
+    #[tokio::test]
+    async fn huge_discards_and_zeroes_reach_the_device_in_slices() {
+        let dev = Recorder::default();
+        let (offset, len) = (512, 2 * EFFECT_SLICE + 4096);
+        execute(
+            &dev,
+            Request::Discard {
+                offset,
+                len,
+                fua: true,
+            },
+        )
+        .await
+        .unwrap();
+        let r = Request::WriteZeroes {
+            offset,
+            len,
+            may_trim: true,
+            fua: true,
+        };
+        execute(&dev, r).await.unwrap();
+        let calls = dev.calls.lock().unwrap().clone();
+        let s = EFFECT_SLICE;
+        assert_eq!(
+            calls,
+            [
+                ("discard", 512, s, false),
+                ("discard", 512 + s, s, false),
+                ("discard", 512 + 2 * s, 4096, false),
+                ("flush", 0, 0, false),
+                ("zeroes", 512, s, true),
+                ("zeroes", 512 + s, s, true),
+                ("zeroes", 512 + 2 * s, 4096, true),
+            ]
+        );
     }
 }

@@ -374,12 +374,17 @@ async fn replies_are_out_of_order() {
     );
 }
 
-/// A TCP connection to `s` past the greeting, with fixed newstyle and no-zeroes sent: ready for options.
-async fn greeted(s: &Served) -> TcpStream {
-    let addr = match s.tcp.local_addr() {
+/// The server's TCP listening address.
+fn tcp_addr(s: &Served) -> std::net::SocketAddr {
+    match s.tcp.local_addr() {
         shale_block::nbd::ListenAddr::Tcp(a) => *a,
         other => panic!("{other:?}"),
-    };
+    }
+}
+
+/// A TCP connection to `s` past the greeting, with fixed newstyle and no-zeroes sent: ready for options.
+async fn greeted(s: &Served) -> TcpStream {
+    let addr = tcp_addr(s);
     let mut st = TcpStream::connect(addr).await.unwrap();
     let mut g = [0u8; GREETING_LEN];
     st.read_exact(&mut g).await.unwrap();
@@ -604,10 +609,7 @@ async fn malformed_frames_cost_only_their_connection() {
     good.write(MIB, IoBuf::from_slice(&data), WriteFlags::default())
         .await
         .unwrap();
-    let addr = match s.tcp.local_addr() {
-        shale_block::nbd::ListenAddr::Tcp(a) => *a,
-        other => panic!("{other:?}"),
-    };
+    let addr = tcp_addr(&s);
 
     // 1. Garbage instead of the client flags.
     let mut st = TcpStream::connect(addr).await.unwrap();
@@ -976,10 +978,7 @@ async fn random_frames_cost_only_their_connection() {
 async fn disc_drains_in_flight_writes() {
     let s = serve().await;
     s.export_file("vol", 16 * MIB, false);
-    let addr = match s.tcp.local_addr() {
-        shale_block::nbd::ListenAddr::Tcp(a) => *a,
-        other => panic!("{other:?}"),
-    };
+    let addr = tcp_addr(&s);
     let mut raw = RawConn::connect(&s, "vol", true).await;
     let _ = addr;
     // Pipeline 64 writes and a DISC without waiting: every write must be applied and answered before close.
@@ -1211,10 +1210,7 @@ async fn shutdown_drains_and_stops_listening() {
         .await
         .unwrap();
     // A client stuck in negotiation is closed too.
-    let addr = match s.tcp.local_addr() {
-        shale_block::nbd::ListenAddr::Tcp(a) => *a,
-        other => panic!("{other:?}"),
-    };
+    let addr = tcp_addr(&s);
     let mut idle = TcpStream::connect(addr).await.unwrap();
     let mut g = [0u8; GREETING_LEN];
     idle.read_exact(&mut g).await.unwrap();

@@ -116,6 +116,14 @@ struct Chunk {
     masks: Box<[AtomicU32]>,
 }
 
+impl Chunk {
+    /// The slot and mask of `cluster` (any cluster number: the chunk's own are taken modulo [`CHUNK`]).
+    fn cell(&self, cluster: u64) -> Option<(&AtomicU64, &AtomicU32)> {
+        let i = (cluster % CHUNK) as usize;
+        Some((self.slots.get(i)?, self.masks.get(i)?))
+    }
+}
+
 /// A chunk directory: one entry per [`CHUNK`] clusters covered.
 type Directory = Box<[OnceLock<Chunk>]>;
 
@@ -164,14 +172,14 @@ impl HeadMap {
             .map_or(0, |d| d.iter().filter(|c| c.get().is_some()).count())
     }
 
-    /// The chunk holding `cluster` and the cluster's index in it, if allocated.
-    fn chunk(&self, cluster: u64) -> Option<(&Chunk, usize)> {
+    /// `cluster`'s slot and mask, if its chunk is allocated.
+    fn cell(&self, cluster: u64) -> Option<(&AtomicU64, &AtomicU32)> {
         let chunk = self
             .chunks
             .get()?
             .get(usize::try_from(cluster / CHUNK).ok()?)?
             .get()?;
-        Some((chunk, (cluster % CHUNK) as usize))
+        chunk.cell(cluster)
     }
 
     /// The slot value for `loc`, or `None` if its numbers do not fit one.
@@ -191,8 +199,7 @@ impl HeadMap {
     /// The newest entry of `cluster` in volume `vol` if it is tabled and answers a lookup at `epoch`.
     #[inline]
     pub(crate) fn get(&self, vol: u64, cluster: u64, epoch: u64) -> Option<Loc> {
-        let (chunk, i) = self.chunk(cluster)?;
-        let slot = chunk.slots.get(i)?;
+        let (slot, m) = self.cell(cluster)?;
         let v = slot.load(Ordering::Acquire);
         if v == 0 {
             return None;
@@ -202,12 +209,12 @@ impl HeadMap {
             return None;
         }
         let mask = if v & PARTIAL != 0 {
-            let m = chunk.masks.get(i)?.load(Ordering::Acquire);
+            let mask = m.load(Ordering::Acquire);
             // The mask is this entry's only if the slot did not change meanwhile (see the module docs).
             if slot.load(Ordering::Acquire) != v {
                 return None;
             }
-            m
+            mask
         } else {
             FULL_MASK
         };
@@ -259,8 +266,7 @@ impl HeadMap {
                 c
             }
         };
-        let i = (cluster % CHUNK) as usize;
-        let (Some(slot), Some(m)) = (chunk.slots.get(i), chunk.masks.get(i)) else {
+        let Some((slot, m)) = chunk.cell(cluster) else {
             return;
         };
         if v & PARTIAL != 0 {
@@ -277,10 +283,7 @@ impl HeadMap {
     /// A widening of the partial entry `loc` to `mask` (the caller holds the cluster's stripe exclusively): if
     /// `loc` is what the slot holds, its tabled mask becomes `mask`.
     pub(crate) fn widen(&self, cluster: u64, loc: &Loc, mask: u32) {
-        let (Some(v), Some((chunk, i))) = (Self::encode(loc), self.chunk(cluster)) else {
-            return;
-        };
-        let (Some(slot), Some(m)) = (chunk.slots.get(i), chunk.masks.get(i)) else {
+        let (Some(v), Some((slot, m))) = (Self::encode(loc), self.cell(cluster)) else {
             return;
         };
         if v & PARTIAL != 0 && slot.load(Ordering::Acquire) == v {
@@ -291,10 +294,8 @@ impl HeadMap {
     /// Forget `cluster`'s slot: its entries are changing (caller holds its stripe exclusively).
     #[inline]
     pub(crate) fn clear(&self, cluster: u64) {
-        if let Some((chunk, i)) = self.chunk(cluster) {
-            if let Some(s) = chunk.slots.get(i) {
-                s.store(0, Ordering::Release);
-            }
+        if let Some((slot, _)) = self.cell(cluster) {
+            slot.store(0, Ordering::Release);
         }
     }
 }

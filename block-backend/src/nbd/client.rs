@@ -1103,7 +1103,9 @@ async fn negotiate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         let (h, _) = read_option_reply(r).await?;
         extended = h.reply_type == REP_ACK;
     }
-    let structured = extended || {
+    let structured = if extended {
+        true
+    } else {
         send_option(w, &ClientOption::StructuredReply).await?;
         let (h, _) = read_option_reply(r).await?;
         h.reply_type == REP_ACK

@@ -28,7 +28,7 @@
 //! without data), and trim, write-zeroes, cache and block status take 64-bit lengths, so a client can zero or
 //! map a whole large export in one request; block status then answers with `BLOCK_STATUS_EXT` (64-bit
 //! descriptor lengths). Reads and writes stay within the advertised maximum payload. A huge trim or
-//! write-zeroes runs as a sequence of 1 GiB device calls (`EFFECT_SLICE`). After extended headers,
+//! write-zeroes reaches the device as a sequence of 1 GiB calls ([`crate::semantics::EFFECT_SLICE`]). After extended headers,
 //! `NBD_OPT_STRUCTURED_REPLY` gets `NBD_REP_ERR_EXT_HEADER_REQD` and `NBD_OPT_EXPORT_NAME` (which a client
 //! MUST NOT send then, and which cannot be refused) ends the connection. One leniency: a write without
 //! `NBD_CMD_FLAG_PAYLOAD_LEN` is taken as carrying its length of payload, because qemu 10's client sends
@@ -1585,11 +1585,9 @@ impl ConnCtx {
             }
             Command::Trim { fua } => {
                 c.writes.fetch_add(1, Ordering::Relaxed);
-                for_slices(offset, len, |offset, len| {
-                    semantics::execute(dev, SemReq::Discard { offset, len, fua })
-                })
-                .await
-                .map(|_| ok)
+                semantics::execute(dev, SemReq::Discard { offset, len, fua })
+                    .await
+                    .map(|_| ok)
             }
             Command::WriteZeroes { fua, no_hole, fast } => {
                 c.writes.fetch_add(1, Ordering::Relaxed);
@@ -1597,17 +1595,13 @@ impl ConnCtx {
                     // FAST_ZERO asks us to fail rather than be slow; the client will fall back to writing.
                     Err(BlockError::Unsupported("fast zero"))
                 } else {
-                    for_slices(offset, len, |offset, len| {
-                        let r = SemReq::WriteZeroes {
-                            offset,
-                            len,
-                            may_trim: !no_hole,
-                            fua,
-                        };
-                        semantics::execute(dev, r)
-                    })
-                    .await
-                    .map(|_| ok)
+                    let r = SemReq::WriteZeroes {
+                        offset,
+                        len,
+                        may_trim: !no_hole,
+                        fua,
+                    };
+                    semantics::execute(dev, r).await.map(|_| ok)
                 }
             }
             Command::Cache => semantics::execute(dev, SemReq::Cache { offset, len })
@@ -1635,28 +1629,6 @@ fn state_flags(kind: ExtentKind) -> u32 {
         ExtentKind::Zero => STATE_ZERO,
         ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
     }
-}
-
-/// Largest range one device call of a trim or write-zeroes covers. With extended headers one request may span
-/// the whole export; the devices build per-cluster work for a range, so a huge range runs as a sequence of
-/// calls of this size rather than one call whose bookkeeping grows with the request.
-const EFFECT_SLICE: u64 = 1 << 30;
-
-/// Run `op` over `[offset, offset+len)` in [`EFFECT_SLICE`]-sized pieces, one after another, stopping at the
-/// first error.
-async fn for_slices<F, Fut>(offset: u64, len: u64, mut op: F) -> Result<(), BlockError>
-where
-    F: FnMut(u64, u64) -> Fut,
-    Fut: std::future::Future<Output = Result<Response, BlockError>>,
-{
-    let end = offset + len;
-    let mut pos = offset;
-    while pos < end {
-        let n = (end - pos).min(EFFECT_SLICE);
-        op(pos, n).await?;
-        pos += n;
-    }
-    Ok(())
 }
 
 /// Turn device extents into `base:allocation` descriptors clipped to the request, merged when adjacent ones
