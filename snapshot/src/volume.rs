@@ -999,21 +999,26 @@ impl Volume {
             [p, f] if !p.is_full() && f.is_full() => Some(&layers[..1]),
             _ => None,
         };
+        // `padded`: the bytes written into a zeroed buffer, so it can go back to the pool of zeroed buffers
+        // clearing just those (`IoBuf::recycle_zeroed`) rather than be cleared whole for the next redirect.
         let built = if need == FULL_MASK && in_off == 0 && data.len() as u64 == cs || !beneath_data
         {
-            Ok((in_off, data, FULL_MASK))
+            Ok((in_off, data, FULL_MASK, None))
         } else if let Some(held) = held.filter(|_| need != FULL_MASK) {
             async {
                 let (at, buf) = self.round_out(&layers, in_off, data).await?;
-                let mut whole = if held.is_empty() {
-                    IoBuf::zeroed(cs as usize)
+                let dirty = at as usize..at as usize + buf.len();
+                let (mut whole, padded) = if held.is_empty() {
+                    (IoBuf::zeroed(cs as usize), Some(dirty.clone()))
                 } else {
-                    self.read_layers(held, 0, IoBuf::for_overwrite(cs as usize))
-                        .await?
+                    let whole = self
+                        .read_layers(held, 0, IoBuf::for_overwrite(cs as usize))
+                        .await?;
+                    (whole, None)
                 };
-                whole.as_mut_slice()[at as usize..at as usize + buf.len()].copy_from_slice(&buf);
+                whole.as_mut_slice()[dirty].copy_from_slice(&buf);
                 let mask = held.iter().fold(need, |m, l| mask_union(cs, m, l.mask));
-                Ok((0, whole, mask))
+                Ok((0, whole, mask, padded))
             }
             .await
         } else {
@@ -1023,21 +1028,24 @@ impl Volume {
             whole.map(|mut cbuf| {
                 let s = in_off as usize;
                 cbuf.as_mut_slice()[s..s + data.len()].copy_from_slice(&data);
-                (0, cbuf, FULL_MASK)
+                (0, cbuf, FULL_MASK, None)
             })
         };
-        let (at, buf, mask) = match built {
+        let (at, buf, mask, padded) = match built {
             Ok(b) => b,
             Err(e) => {
                 self.inner.alloc.lock().unreserve(res);
                 return Err(e);
             }
         };
-        let (r, _) = self
+        let (r, buf) = self
             .inner
             .io
             .write_at(&self.inner.data, res.pcluster * cs + at, buf, fua)
             .await;
+        if let Some(dirty) = padded {
+            buf.recycle_zeroed(dirty);
+        }
         if let Err(e) = r {
             // The cluster may now hold part of the write: it must be zeroed again before reuse.
             self.inner.alloc.lock().settle(res);
