@@ -54,6 +54,28 @@ impl Pool {
     fn limit(class: usize) -> usize {
         (POOL_CLASS_BYTES / (ALIGN << class)).max(POOL_MIN_PER_CLASS)
     }
+
+    /// Put an allocation of `cap` bytes in this thread's pool (its all-zero list when `clean`), if its class is
+    /// pooled and the list has room. True when the pool took ownership of it.
+    fn keep(ptr: NonNull<u8>, cap: usize, clean: bool) -> bool {
+        let Some(class) = Pool::class(cap) else {
+            return false;
+        };
+        POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            let list = if clean {
+                &mut p.clean[class]
+            } else {
+                &mut p.free[class]
+            };
+            let room = list.len() < Pool::limit(class);
+            if room {
+                list.push(ptr);
+            }
+            room
+        })
+        .unwrap_or(false)
+    }
 }
 
 impl Drop for Pool {
@@ -137,23 +159,7 @@ impl IoBuf {
                 .all(|&b| b == 0),
             "recycle_zeroed: bytes outside {dirty:?} were written"
         );
-        let Some(class) = Pool::class(self.cap) else {
-            return; // dropped: not a pooled size
-        };
-        let ptr = self.ptr;
-        let kept = POOL
-            .try_with(|p| {
-                let mut p = p.borrow_mut();
-                let list = &mut p.clean[class];
-                if list.len() < Pool::limit(class) {
-                    list.push(ptr);
-                    true
-                } else {
-                    false
-                }
-            })
-            .unwrap_or(false);
-        if kept {
+        if Pool::keep(self.ptr, self.cap, true) {
             // The clean list owns the allocation now.
             std::mem::forget(self);
         }
@@ -278,23 +284,8 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        if let Some(class) = Pool::class(self.cap) {
-            let ptr = self.ptr;
-            let kept = POOL
-                .try_with(|p| {
-                    let mut p = p.borrow_mut();
-                    let list = &mut p.free[class];
-                    if list.len() < Pool::limit(class) {
-                        list.push(ptr);
-                        true
-                    } else {
-                        false
-                    }
-                })
-                .unwrap_or(false);
-            if kept {
-                return;
-            }
+        if Pool::keep(self.ptr, self.cap, false) {
+            return;
         }
         // SAFETY: ptr was allocated in `alloc` with exactly this layout and is freed once (it did not go to the
         // pool).
