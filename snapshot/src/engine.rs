@@ -304,6 +304,12 @@ fn db_options(create: bool) -> Options {
     // writes (control operations, GC) and FUA writes' `Inner::sync_wal` flush the buffer too, and the log is a
     // prefix: nothing later survives without everything before it.
     o.set_manual_wal_flush(true);
+    // RocksDB preallocates each WAL file in blocks of 1.1 x write_buffer_size (70 MiB by default), capped by
+    // max_total_wal_size. That space is the SR's filesystem's: on an 85 MiB filesystem it left room for 8 MiB of
+    // VDI data. At 16 MiB the preallocation still keeps WAL appends off a nearly full filesystem for a while, and
+    // the memtable is flushed once the WALs hold 16 MiB (every few seconds under the heaviest metadata load,
+    // small random writes after a snapshot; a 4 MiB memtable measured no slower there, RESULTS-nbd.md).
+    o.set_max_total_wal_size(16 << 20);
     o
 }
 

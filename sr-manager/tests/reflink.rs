@@ -1,7 +1,9 @@
-//! The `reflink` SR type on a real XFS (`reflink=1`) filesystem, mounted from a loop device: create, write,
+//! SRs on real filesystems mounted from loop devices. The `reflink` SR type on XFS (`reflink=1`): create, write,
 //! snapshot, overwrite, clone, digest, revert, resize, destroy, check; and the clear refusal on a filesystem
-//! without reflinks (tmpfs). Needs root, `mkfs.xfs` and loop devices; prints SKIP and passes when those are
-//! unavailable, so it runs everywhere and really tests where CI provides them.
+//! without reflinks (tmpfs). A native thin SR without a capacity on a small ext4 that fills up: writes fail with
+//! ENOSPC, nothing acknowledged is lost, and the metadata does not reserve most of a small filesystem. Needs
+//! root, `mkfs.xfs`/`mkfs.ext4` and loop devices; prints SKIP and passes when those are unavailable, so it runs
+//! everywhere and really tests where CI provides them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +11,7 @@ use std::process::Command;
 use shale_block::uring::{IoEngine, IoEngineConfig};
 use shale_block::{BlockDevice, IoBuf, WriteFlags};
 use shale_sr::reflink::ReflinkDriver;
+use shale_sr::thin::ThinDriver;
 use shale_sr::{SrCreateOptions, SrDriver, SrError, VdiKind};
 
 const MIB: u64 = 1 << 20;
@@ -38,15 +41,27 @@ struct Mount {
 impl Mount {
     /// A 512 MiB XFS with reflink=1 on a loop device.
     fn xfs() -> Result<Mount, String> {
+        Self::looped(512 * MIB, "mkfs.xfs", &["-q", "-m", "reflink=1"])
+    }
+
+    /// A small ext4 on a loop device.
+    fn ext4(size: u64) -> Result<Mount, String> {
+        Self::looped(size, "mkfs.ext4", &["-q"])
+    }
+
+    /// A filesystem of `size` bytes made by `mkfs` on a loop device.
+    fn looped(size: u64, mkfs: &str, args: &[&str]) -> Result<Mount, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let image = dir.path().join("xfs.img");
+        let image = dir.path().join("fs.img");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
         std::fs::File::create(&image)
-            .and_then(|f| f.set_len(512 * MIB))
+            .and_then(|f| f.set_len(size))
             .map_err(|e| e.to_string())?;
         let img = image.to_string_lossy().into_owned();
-        run("mkfs.xfs", &["-q", "-m", "reflink=1", &img])?;
+        let mut mkfs_args = args.to_vec();
+        mkfs_args.push(&img);
+        run(mkfs, &mkfs_args)?;
         run("mount", &["-o", "loop", &img, &mnt.to_string_lossy()])?;
         Ok(Mount {
             mnt,
@@ -270,4 +285,106 @@ async fn reflink_sr_refused_without_reflinks() {
         !sr_path.exists(),
         "the directory we created is removed again"
     );
+}
+
+/// A native thin SR without a capacity on a 128 MiB ext4: VDI writes fill the filesystem and then fail with
+/// ENOSPC (the device's `NoSpace`), the SR keeps serving reads and writes into space it already owns, every
+/// flushed write reads back after the SR is detached and attached again, and destroying a VDI makes room for
+/// new writes. The filesystem's space goes to data: RocksDB's default WAL preallocation (1.1 x its 64 MiB write
+/// buffer) once left room for 8 MiB of data on an 85 MiB filesystem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_sr_on_a_full_filesystem() {
+    let mount = match Mount::ext4(128 * MIB) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!(
+                "SKIP thin_sr_on_a_full_filesystem: cannot mount an ext4 loop filesystem ({e})"
+            );
+            return;
+        }
+    };
+    let io = IoEngine::new(IoEngineConfig::default()).expect("io engine");
+    let driver = ThinDriver::new(io);
+    let sr_path = mount.path().join("sr");
+    let sr = driver
+        .create("small", &sr_path, &SrCreateOptions::default())
+        .await
+        .expect("create SR");
+    let other = sr.vdi_create("other", 64 * MIB).await.expect("create VDI");
+    let vdi = sr.vdi_create("big", 256 * MIB).await.expect("create VDI");
+    let dev = sr.open(vdi.uuid).expect("open");
+
+    // Fill: 1 MiB writes, flushed every 4 MiB, until the filesystem refuses.
+    let mut flushed = 0u64;
+    let mut written = 0u64;
+    let failure = loop {
+        let chunk = pattern((written / MIB) as u8, MIB as usize);
+        if let Err(e) = dev
+            .write(written, IoBuf::from_slice(&chunk), WriteFlags::default())
+            .await
+        {
+            break e;
+        }
+        written += MIB;
+        if written.is_multiple_of(4 * MIB) {
+            match dev.flush().await {
+                Ok(()) => flushed = written,
+                Err(e) => break e,
+            }
+        }
+        assert!(written < 256 * MIB, "a 128 MiB filesystem took 256 MiB");
+    };
+    assert!(
+        matches!(failure, shale_block::BlockError::NoSpace),
+        "{failure}"
+    );
+    eprintln!(
+        "{} MiB written, {} MiB flushed before ENOSPC",
+        written / MIB,
+        flushed / MIB
+    );
+    assert!(
+        flushed >= 72 * MIB,
+        "only {} MiB of data fit on a 128 MiB filesystem",
+        flushed / MIB
+    );
+
+    // Still serving: reads, and a rewrite of space the VDI owns.
+    assert_eq!(
+        read(dev.as_ref(), 0, MIB as usize).await,
+        pattern(0, MIB as usize)
+    );
+    let again = pattern(200, 4096);
+    dev.write(MIB, IoBuf::from_slice(&again), WriteFlags::FUA)
+        .await
+        .expect("rewrite in place on a full filesystem");
+    drop(dev);
+    sr.detach().await.expect("detach");
+
+    // Attached again: every flushed write is there, and the SR checks clean.
+    let sr = driver.attach("small", &sr_path).await.expect("attach");
+    let dev = sr.open(vdi.uuid).expect("open");
+    for mib in 0..flushed / MIB {
+        let got = read(dev.as_ref(), mib * MIB, MIB as usize).await;
+        let mut want = pattern(mib as u8, MIB as usize);
+        if mib == 1 {
+            want[..4096].copy_from_slice(&again);
+        }
+        assert!(got == want, "MiB {mib} after reattach");
+    }
+    let report = sr.check().await.expect("check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+    // Room again once a VDI goes: the other one can now be written.
+    drop(dev);
+    sr.vdi_destroy(vdi.uuid).await.expect("destroy");
+    sr.gc().await.expect("gc");
+    let odev = sr.open(other.uuid).expect("open other");
+    let data = pattern(9, 8 * MIB as usize);
+    odev.write(0, IoBuf::from_slice(&data), WriteFlags::FUA)
+        .await
+        .expect("write after space was freed");
+    assert_eq!(read(odev.as_ref(), 0, 8 * MIB as usize).await, data);
+    drop(odev);
+    sr.detach().await.expect("detach");
 }
