@@ -150,12 +150,12 @@ pub fn check_write(info: &DeviceInfo, offset: u64, len: u64) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info() -> DeviceInfo {
+impl DeviceInfo {
+    /// A writable device of `size` bytes with 512-byte blocks, 64 KiB preferred, and every capability: what the
+    /// crate's unit tests serve or check against.
+    pub(crate) fn for_tests(size: u64) -> DeviceInfo {
         DeviceInfo {
-            size: 1 << 20,
+            size,
             block_size: 512,
             preferred_block_size: 65536,
             read_only: false,
@@ -163,6 +163,15 @@ mod tests {
             can_fast_zero: true,
             can_multi_conn: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> DeviceInfo {
+        DeviceInfo::for_tests(1 << 20)
     }
 
     #[test]

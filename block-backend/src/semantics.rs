@@ -454,15 +454,7 @@ mod tests {
     #[async_trait::async_trait]
     impl BlockDevice for Recorder {
         fn info(&self) -> crate::device::DeviceInfo {
-            crate::device::DeviceInfo {
-                size: 4 << 40,
-                block_size: 512,
-                preferred_block_size: 65536,
-                read_only: false,
-                can_trim: true,
-                can_fast_zero: true,
-                can_multi_conn: true,
-            }
+            crate::device::DeviceInfo::for_tests(4 << 40)
         }
         async fn read(&self, _: u64, buf: IoBuf) -> Result<IoBuf> {
             Ok(buf)

@@ -2145,15 +2145,7 @@ mod tests {
 
     #[test]
     fn block_size_advertisement() {
-        let info = DeviceInfo {
-            size: 1 << 30,
-            block_size: 512,
-            preferred_block_size: 65536,
-            read_only: false,
-            can_trim: true,
-            can_fast_zero: true,
-            can_multi_conn: true,
-        };
+        let info = DeviceInfo::for_tests(1 << 30);
         let (min, pref, max) = block_sizes(&ServerConfig::default(), &info);
         assert_eq!((min, pref, max), (512, 65536, 32 << 20));
         assert_eq!(max % min, 0);
