@@ -84,6 +84,9 @@ pub struct SrInfo {
     /// Map lookups that missed the lookup cache and read RocksDB since the SR was opened: a cold or thrashing
     /// cache shows here (each costs a RocksDB seek on the data path).
     pub metadata_reads: u64,
+    /// The first metadata write that failed since the SR was opened (a full filesystem, a failing disk): the
+    /// SR then refuses changes until it is attached again.
+    pub metadata_error: Option<String>,
 }
 
 /// A VDI or snapshot as reported to users.
@@ -162,6 +165,11 @@ pub(crate) struct Inner {
     pub sync_lock: tokio::sync::Mutex<()>,
     /// Memory the volumes' head tables may still take ([`crate::headmap`]).
     pub(crate) headmap_budget: Arc<Budget>,
+    /// Filesystem space new clusters may take while leaving the metadata store its headroom ([`crate::space`]).
+    pub space: crate::space::SpaceGuard,
+    /// The first failed metadata write since the SR was opened. RocksDB treats a failed WAL write as fatal
+    /// (manual WAL flush): every later change fails too until the SR is opened again, so `sr show` says so.
+    pub meta_error: Mutex<Option<String>>,
 }
 
 impl Inner {
@@ -177,22 +185,47 @@ impl Inner {
         (h >> 32) as usize % STRIPES
     }
 
-    /// Make sure the data file covers `end` bytes, growing it ahead in large steps with fallocate.
+    /// Whether the reserved cluster may be written, growing the data file ahead when it lies past the end.
+    ///
+    /// A cluster takes new filesystem blocks unless it lies in the data file's preallocated tail, and those are
+    /// admitted only while the filesystem keeps the metadata store's headroom ([`crate::space`]). Clusters from
+    /// the free list were punched, so they take blocks again.
+    pub async fn admit_cluster(&self, res: &crate::alloc::Reservation) -> bool {
+        let end = (res.pcluster + 1) * self.cs;
+        if res.source == crate::alloc::Source::Free {
+            return self.space.admit(self.cs, || self.metadata_bytes());
+        }
+        self.ensure_allocated(end).await
+    }
+
+    /// Make sure the data file covers `end` bytes, growing it ahead in large steps with fallocate; `false` when
+    /// the cluster ending there would eat into the metadata's headroom.
     ///
     /// O_DIRECT writes past the end of a file are serialised by the filesystem (ext4 takes the inode lock
     /// exclusively and io_uring falls back to its worker threads), so new clusters would queue behind each other.
     /// Preallocated space reads as zeroes, which keeps the allocator's invariant; recovery truncates the file back
-    /// to the high-water mark. Failure (e.g. a full filesystem) is not an error: the write then extends the file.
-    pub async fn ensure_allocated(&self, end: u64) {
+    /// to the high-water mark. A failed fallocate (e.g. a filesystem without it) is not an error: the write then
+    /// extends the file.
+    async fn ensure_allocated(&self, end: u64) -> bool {
         if self.file_end.load(Ordering::Acquire) >= end {
-            return;
+            return true;
         }
+        // Under the lock, so a cluster reserved while the file was growing sees the grown end, not the headroom
+        // the growth just took.
         let _g = self.grow.lock().await;
         let cur = self.file_end.load(Ordering::Acquire);
         if cur >= end {
-            return;
+            return true;
         }
-        let mut target = end.max(cur) + PREALLOC_STEP;
+        // The cluster itself (the rest up to `end`, if any, belongs to clusters admitted on their own), then as
+        // far ahead as the headroom leaves room for.
+        if !self.space.admit(self.cs, || self.metadata_bytes()) {
+            return false;
+        }
+        let mut target = end
+            + self
+                .space
+                .take_up_to(PREALLOC_STEP, || self.metadata_bytes());
         if let Some(cap) = self.sb.capacity {
             target = target.min(cap.div_ceil(self.cs) * self.cs).max(end);
         }
@@ -202,6 +235,16 @@ impl Inner {
                 debug!(error = %e, "could not preallocate the data file; writes will extend it")
             }
         }
+        true
+    }
+
+    /// Bytes of the metadata store's SST files (what a compaction may need again while it runs).
+    pub fn metadata_bytes(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.total-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 
     /// Make every batch written so far durable (sync the metadata WAL), on the blocking pool.
@@ -222,7 +265,8 @@ impl Inner {
         let inner = self.clone();
         tokio::task::spawn_blocking(move || inner.db.flush_wal(true))
             .await
-            .map_err(|e| EngineError::Io(std::io::Error::other(format!("WAL sync task: {e}"))))??;
+            .map_err(|e| EngineError::Io(std::io::Error::other(format!("WAL sync task: {e}"))))?
+            .map_err(|e| self.write_failed(e))?;
         self.synced_seq.fetch_max(seq, Ordering::AcqRel);
         Ok(())
     }
@@ -237,8 +281,20 @@ impl Inner {
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.write_failed(e))
+    }
+
+    /// Record the first failed metadata write (logged once, shown by `sr show`) and classify it.
+    pub fn write_failed(&self, e: rocksdb::Error) -> EngineError {
+        let mut first = self.meta_error.lock();
+        if first.is_none() {
+            tracing::error!(sr = %self.dir.display(), error = %e,
+                "metadata write failed; the SR takes no more changes until it is attached again");
+            *first = Some(e.to_string());
+        }
+        e.into()
     }
 
     /// Write a large batch whose keys were put in key order (not synced). RocksDB then keeps each memtable
@@ -249,8 +305,9 @@ impl Inner {
     pub fn write_in_order(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_memtable_insert_hint_per_batch(true);
-        self.db.write_opt(batch, &wo)?;
-        Ok(())
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.write_failed(e))
     }
 }
 
@@ -304,11 +361,16 @@ fn db_options(create: bool) -> Options {
     // writes (control operations, GC) and FUA writes' `Inner::sync_wal` flush the buffer too, and the log is a
     // prefix: nothing later survives without everything before it.
     o.set_manual_wal_flush(true);
-    // RocksDB preallocates each WAL file in blocks of 1.1 x write_buffer_size (70 MiB by default), capped by
-    // max_total_wal_size. That space is the SR's filesystem's: on an 85 MiB filesystem it left room for 8 MiB of
-    // VDI data. At 16 MiB the preallocation still keeps WAL appends off a nearly full filesystem for a while, and
-    // the memtable is flushed once the WALs hold 16 MiB (every few seconds under the heaviest metadata load,
-    // small random writes after a snapshot; a 4 MiB memtable measured no slower there, RESULTS-nbd.md).
+    // The WAL and the memtable bound what the metadata needs of the SR's filesystem beyond its SST files
+    // (`crate::space` keeps that much free): RocksDB preallocates each WAL file in blocks of
+    // min(1.1 x write_buffer_size, max_total_wal_size), and with one column family a WAL file is retired only
+    // when the memtable it backs fills and is flushed to an SST (max_total_wal_size switches WALs only with
+    // several column families). The defaults (a 64 MiB memtable, 70 MiB preallocation blocks) once left room
+    // for 8 MiB of VDI data on an 85 MiB filesystem. A 16 MiB memtable holds a little less than 16 MiB of WAL,
+    // so the live WAL stays within one 16 MiB block, a flush writes an SST of at most about 16 MiB, and crash
+    // recovery replays at most that. A 4 MiB memtable measured no slower under the heaviest metadata load, small
+    // random writes after a snapshot (RESULTS-nbd.md).
+    o.set_write_buffer_size(16 << 20);
     o.set_max_total_wal_size(16 << 20);
     o
 }
@@ -532,6 +594,7 @@ impl Engine {
         db.delete_opt(CLEAN, &wo)?;
         let limit = sb.capacity.map(|c| c / cs);
         let file_len = data.metadata()?.len();
+        let space = crate::space::SpaceGuard::new(data.clone());
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             db,
@@ -561,6 +624,8 @@ impl Engine {
             synced_seq: AtomicU64::new(0),
             sync_lock: tokio::sync::Mutex::new(()),
             headmap_budget: budget,
+            space,
+            meta_error: Mutex::new(None),
         });
         let engine = Engine { inner };
         engine.start_gc_task();
@@ -684,6 +749,7 @@ impl Engine {
             gc_pending: st.gc_pending.len() as u64,
             objects: st.objects.len(),
             metadata_reads: self.inner.metadata_reads.load(Ordering::Relaxed),
+            metadata_error: self.inner.meta_error.lock().clone(),
         }
     }
 

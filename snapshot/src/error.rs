@@ -57,7 +57,15 @@ pub enum EngineError {
     Corrupt(String),
     /// The metadata store failed.
     #[error("metadata store: {0}")]
-    Db(#[from] rocksdb::Error),
+    Db(rocksdb::Error),
+    /// The metadata store could not write because the SR's filesystem is full. New clusters stop short of this
+    /// ([`crate::space`]), so another writer on the filesystem took the last of it. RocksDB then refuses every
+    /// later change until the SR is attached again; reads go on, and flushed writes are safe.
+    #[error(
+        "the SR's filesystem is full and its metadata store could not write ({0}); free space on it, then attach \
+         the SR again (restart the daemon): flushed writes are kept, later ones may be lost as in a crash"
+    )]
+    MetadataNoSpace(String),
     /// Host I/O failed.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
@@ -66,10 +74,23 @@ pub enum EngineError {
     Block(#[from] BlockError),
 }
 
+impl From<rocksdb::Error> for EngineError {
+    /// RocksDB reports a full filesystem only in its message (`IOStatus::NoSpace`: "IO error: No space left on
+    /// device: ..."); it gets its own variant so clients see ENOSPC rather than EIO.
+    fn from(e: rocksdb::Error) -> Self {
+        if e.kind() == rocksdb::ErrorKind::IOError && e.as_ref().contains("No space left on device")
+        {
+            EngineError::MetadataNoSpace(e.into_string())
+        } else {
+            EngineError::Db(e)
+        }
+    }
+}
+
 impl From<EngineError> for BlockError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::NoSpace => BlockError::NoSpace,
+            EngineError::NoSpace | EngineError::MetadataNoSpace(_) => BlockError::NoSpace,
             EngineError::Block(b) => b,
             EngineError::Io(io) => BlockError::from_io(io),
             EngineError::Corrupt(s) => BlockError::Corrupt(s),

@@ -15,7 +15,7 @@
 //! - **GC** reclaims what no view can see, in the background, crash-safely ([`gc`]).
 //!
 //! Modules: [`engine`] (open/create and control-plane operations), [`volume`] (the data path, `BlockDevice`),
-//! [`alloc`] (clusters), `dirty` (deferred sub-cluster mask widenings), [`gc`], [`check`] (`sr check`), [`digest`] (`vdi digest`), [`keys`]/[`records`] (the
+//! [`alloc`] (clusters), [`space`] (the metadata's headroom on the filesystem), `dirty` (deferred sub-cluster mask widenings), [`gc`], [`check`] (`sr check`), [`digest`] (`vdi digest`), [`keys`]/[`records`] (the
 //! on-disk format), [`state`] (in-memory caches).
 
 pub mod alloc;
@@ -28,6 +28,7 @@ pub mod gc;
 pub(crate) mod headmap;
 pub mod keys;
 pub mod records;
+pub mod space;
 pub mod state;
 pub mod volume;
 

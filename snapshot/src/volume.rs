@@ -989,7 +989,11 @@ impl Volume {
             .lock()
             .reserve()
             .ok_or(BlockError::NoSpace)?;
-        self.inner.ensure_allocated((res.pcluster + 1) * cs).await;
+        // A full filesystem fails the data write here, before it can fail a metadata write ([`crate::space`]).
+        if !self.inner.admit_cluster(&res).await {
+            self.inner.alloc.lock().unreserve(res);
+            return Err(BlockError::NoSpace);
+        }
         // Over one full entry, or over a partial entry lying on one: the new entry is partial and holds the
         // written sub-clusters (and that partial entry's). It is written whole, zeroes around the data (hidden by
         // the mask): the cluster's extent in the data file is then fully written, so later small writes into it

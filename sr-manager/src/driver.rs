@@ -84,6 +84,10 @@ pub struct SrStats {
     /// (0 for drivers without one): a cold or thrashing cache shows here before it shows in latency.
     #[serde(default)]
     pub metadata_reads: u64,
+    /// The first metadata write that failed since the SR was attached: the SR then refuses changes until it is
+    /// attached again, and `sr show` says so in its status.
+    #[serde(default)]
+    pub metadata_error: Option<String>,
 }
 
 /// Whether an object is a writable VDI or a read-only snapshot.

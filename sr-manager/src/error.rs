@@ -91,6 +91,7 @@ impl SrError {
             EngineError::NoSpace => {
                 SrError::NoSpace(sr.to_string(), "no space left for new clusters".into())
             }
+            e @ EngineError::MetadataNoSpace(_) => SrError::NoSpace(sr.to_string(), e.to_string()),
             EngineError::Block(b) => SrError::from_block(sr, b),
             EngineError::Io(io) => SrError::from_block(sr, BlockError::from_io(io)),
             EngineError::NotFound(name) => SrError::VdiNotFound(name, format!(" in SR '{sr}'")),

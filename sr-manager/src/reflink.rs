@@ -511,6 +511,7 @@ impl AttachedSr for ReflinkSr {
                 vdis: 0,
                 snapshots: 0,
                 metadata_reads: 0,
+                metadata_error: None,
             };
         };
         let objects = self.list();
@@ -532,6 +533,7 @@ impl AttachedSr for ReflinkSr {
             vdis: objects.len() - snapshots,
             snapshots,
             metadata_reads: 0,
+            metadata_error: None,
         }
     }
 

@@ -77,10 +77,10 @@ pub fn sr_to_proto(v: SrView) -> proto::Sr {
         name: v.record.name,
         r#type: v.record.sr_type,
         path: v.record.path.display().to_string(),
-        status: match v.unavailable {
-            None => "attached".into(),
-            Some(reason) => format!("unavailable: {reason}"),
-        },
+        status: sr_status(
+            v.unavailable.as_deref(),
+            stats.as_ref().and_then(|s| s.metadata_error.as_deref()),
+        ),
         cluster_size: stats.as_ref().map(|s| s.cluster_size).unwrap_or(0),
         capacity: stats.as_ref().and_then(|s| s.capacity),
         allocated_bytes: stats.as_ref().map(|s| s.allocated_bytes).unwrap_or(0),
@@ -92,6 +92,24 @@ pub fn sr_to_proto(v: SrView) -> proto::Sr {
         metadata_reads: stats.as_ref().map(|s| s.metadata_reads).unwrap_or(0),
         capabilities: Some(caps(v.capabilities)),
         created: v.record.created,
+    }
+}
+
+/// An SR's one-line status: attached, degraded (a metadata write failed, so it refuses changes until attached
+/// again), or unavailable and why.
+fn sr_status(unavailable: Option<&str>, metadata_error: Option<&str>) -> String {
+    match (unavailable, metadata_error) {
+        (None, None) => "attached".into(),
+        (None, Some(e)) => format!(
+            "degraded: a metadata write failed ({}); no changes until the SR is attached again (restart the \
+             daemon)",
+            if e.contains("No space left on device") {
+                "the filesystem is full"
+            } else {
+                e
+            }
+        ),
+        (Some(reason), _) => format!("unavailable: {reason}"),
     }
 }
 
@@ -369,5 +387,19 @@ mod tests {
         });
         assert!(c.snapshot && c.clone && c.offloaded_snapshots && !c.thin);
         assert!(!caps(Capabilities::default()).offloaded_snapshots);
+    }
+
+    /// A failed metadata write shows in the status, in words a user can act on.
+    #[test]
+    fn degraded_status() {
+        assert_eq!(sr_status(None, None), "attached");
+        let full = sr_status(
+            None,
+            Some("IO error: No space left on device: While appending to file: meta/000009.log"),
+        );
+        assert!(full.starts_with("degraded: a metadata write failed (the filesystem is full)"));
+        assert!(full.contains("restart the daemon"), "{full}");
+        assert!(sr_status(None, Some("IO error: EIO")).contains("(IO error: EIO)"));
+        assert_eq!(sr_status(Some("gone"), None), "unavailable: gone");
     }
 }

@@ -227,6 +227,7 @@ impl AttachedSr for ThinSr {
                 vdis: 0,
                 snapshots: 0,
                 metadata_reads: 0,
+                metadata_error: None,
             };
         };
         let i = engine.sr_info();
@@ -241,6 +242,7 @@ impl AttachedSr for ThinSr {
             vdis: objects.len() - snapshots,
             snapshots,
             metadata_reads: i.metadata_reads,
+            metadata_error: i.metadata_error,
         }
     }
 

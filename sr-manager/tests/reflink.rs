@@ -1,7 +1,9 @@
 //! SRs on real filesystems mounted from loop devices. The `reflink` SR type on XFS (`reflink=1`): create, write,
 //! snapshot, overwrite, clone, digest, revert, resize, destroy, check; and the clear refusal on a filesystem
 //! without reflinks (tmpfs). A native thin SR without a capacity on a small ext4 that fills up: writes fail with
-//! ENOSPC, nothing acknowledged is lost, and the metadata does not reserve most of a small filesystem. Needs
+//! ENOSPC, nothing acknowledged is lost, the metadata keeps working in its headroom and does not reserve most of
+//! a small filesystem; and when another writer takes that headroom too, a clear error, a degraded SR and a clean
+//! recovery once space is freed. Needs
 //! root, `mkfs.xfs`/`mkfs.ext4` and loop devices; prints SKIP and passes when those are unavailable, so it runs
 //! everywhere and really tests where CI provides them.
 
@@ -288,10 +290,10 @@ async fn reflink_sr_refused_without_reflinks() {
 }
 
 /// A native thin SR without a capacity on a 128 MiB ext4: VDI writes fill the filesystem and then fail with
-/// ENOSPC (the device's `NoSpace`), the SR keeps serving reads and writes into space it already owns, every
-/// flushed write reads back after the SR is detached and attached again, and destroying a VDI makes room for
-/// new writes. The filesystem's space goes to data: RocksDB's default WAL preallocation (1.1 x its 64 MiB write
-/// buffer) once left room for 8 MiB of data on an 85 MiB filesystem.
+/// ENOSPC (the device's `NoSpace`) while the metadata store still has its headroom (`shale_snapshot::space`), so
+/// control operations go on working on the full filesystem for longer than RocksDB's WAL takes to roll over and
+/// its memtable to flush. The SR keeps serving reads and writes into space it already owns, every flushed write
+/// reads back after the SR is detached and attached again, and destroying a VDI makes room for new writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thin_sr_on_a_full_filesystem() {
     let mount = match Mount::ext4(128 * MIB) {
@@ -343,11 +345,23 @@ async fn thin_sr_on_a_full_filesystem() {
         written / MIB,
         flushed / MIB
     );
+    // About 106 MiB are free on the new filesystem; RocksDB's WAL takes 16 and the headroom 40.
     assert!(
-        flushed >= 72 * MIB,
+        flushed >= 40 * MIB,
         "only {} MiB of data fit on a 128 MiB filesystem",
         flushed / MIB
     );
+
+    // The metadata store still has room: 24 MiB of control operations, past its 16 MiB memtable and the WAL
+    // behind it, all succeed.
+    let wals = wal_files(&sr_path);
+    let done = churn_metadata(sr.as_ref(), vdi.uuid, 24 * MIB).await;
+    assert!(
+        done.is_ok(),
+        "metadata on a filesystem full of data: {done:?}"
+    );
+    assert_ne!(wal_files(&sr_path), wals, "the WAL did not roll over");
+    assert!(sr.stats().metadata_error.is_none());
 
     // Still serving: reads, and a rewrite of space the VDI owns.
     assert_eq!(
@@ -386,5 +400,120 @@ async fn thin_sr_on_a_full_filesystem() {
         .expect("write after space was freed");
     assert_eq!(read(odev.as_ref(), 0, 8 * MIB as usize).await, data);
     drop(odev);
+    sr.detach().await.expect("detach");
+}
+
+/// The metadata store's WAL files, by name.
+fn wal_files(sr: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(sr.join("meta"))
+        .expect("meta dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Snapshot `vdi` and destroy the snapshot, over and over, until about `bytes` of metadata (WAL records, with
+/// long names) were written or an operation fails. Returns the number of rounds done.
+async fn churn_metadata(
+    sr: &dyn shale_sr::AttachedSr,
+    vdi: uuid::Uuid,
+    bytes: u64,
+) -> Result<u64, SrError> {
+    // One round logs the snapshot's record and names twice (create, destroy): about 1 KiB with 120-byte names.
+    let rounds = bytes / 1024;
+    for i in 0..rounds {
+        let name = format!("{i:0>120}");
+        let snap = sr.vdi_snapshot(vdi, &name).await?;
+        sr.vdi_destroy(snap.uuid).await?;
+    }
+    Ok(rounds)
+}
+
+/// Another writer fills the filesystem of a thin SR, past the headroom kept for metadata, until a RocksDB write
+/// itself fails with ENOSPC: the operation gets a clear "full" error naming the way out, the SR reports itself
+/// degraded, reads go on and writes fail with `NoSpace` (never a panic or a hang). Once the space is freed and
+/// the SR attached again, every flushed write is there, it checks clean, and it takes changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_write_on_a_full_filesystem() {
+    let mount = match Mount::ext4(128 * MIB) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!(
+                "SKIP metadata_write_on_a_full_filesystem: cannot mount an ext4 loop filesystem ({e})"
+            );
+            return;
+        }
+    };
+    let io = IoEngine::new(IoEngineConfig::default()).expect("io engine");
+    let driver = ThinDriver::new(io);
+    let sr_path = mount.path().join("sr");
+    let sr = driver
+        .create("small", &sr_path, &SrCreateOptions::default())
+        .await
+        .expect("create SR");
+    let vdi = sr.vdi_create("d", 64 * MIB).await.expect("create VDI");
+    let dev = sr.open(vdi.uuid).expect("open");
+    let data = pattern(3, 8 * MIB as usize);
+    dev.write(0, IoBuf::from_slice(&data), WriteFlags::default())
+        .await
+        .expect("write");
+    dev.flush().await.expect("flush");
+
+    // Someone else takes every free block.
+    let filler = mount.path().join("filler");
+    let fill = format!(
+        "dd if=/dev/zero of={} bs=1M 2>/dev/null; dd if=/dev/zero of={}.tail bs=4k 2>/dev/null; true",
+        filler.display(),
+        filler.display()
+    );
+    run("sh", &["-c", &fill]).expect("fill the filesystem");
+
+    // Control operations use up the WAL's preallocated 16 MiB, then one fails.
+    let err = churn_metadata(sr.as_ref(), vdi.uuid, 64 * MIB)
+        .await
+        .expect_err("64 MiB of metadata fit on a full filesystem");
+    assert!(matches!(err, SrError::NoSpace(..)), "{err:?}");
+    assert!(err.to_string().contains("metadata store"), "{err}");
+    assert!(err.to_string().contains("attach"), "{err}");
+    let failed = sr
+        .stats()
+        .metadata_error
+        .expect("the SR reports the failed write");
+    assert!(failed.contains("No space left on device"), "{failed}");
+    // Still serving: reads of flushed data; writes refused as full, whether they need metadata or not.
+    assert_eq!(read(dev.as_ref(), 0, 8 * MIB as usize).await, data);
+    let w = dev
+        .write(
+            32 * MIB,
+            IoBuf::from_slice(&pattern(7, 4096)),
+            WriteFlags::FUA,
+        )
+        .await;
+    assert!(matches!(w, Err(shale_block::BlockError::NoSpace)), "{w:?}");
+    assert!(sr.vdi_create("more", MIB).await.is_err());
+
+    // Space freed, the SR attached again: flushed data intact, clean, and taking changes.
+    std::fs::remove_file(&filler).expect("remove filler");
+    drop(dev);
+    if let Err(e) = sr.detach().await {
+        eprintln!("detach after the failed metadata write: {e}");
+    }
+    drop(sr);
+    let sr = driver.attach("small", &sr_path).await.expect("attach");
+    assert!(sr.stats().metadata_error.is_none());
+    let dev = sr.open(vdi.uuid).expect("open");
+    assert_eq!(read(dev.as_ref(), 0, 8 * MIB as usize).await, data);
+    let report = sr.check().await.expect("check");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let more = pattern(8, MIB as usize);
+    dev.write(32 * MIB, IoBuf::from_slice(&more), WriteFlags::FUA)
+        .await
+        .expect("write after space was freed");
+    assert_eq!(read(dev.as_ref(), 32 * MIB, MIB as usize).await, more);
+    sr.vdi_snapshot(vdi.uuid, "after").await.expect("snapshot");
+    drop(dev);
     sr.detach().await.expect("detach");
 }
