@@ -826,6 +826,51 @@ impl Engine {
         })
     }
 
+    /// What `to` (a VDI, or a snapshot taken at or after `from`) may have changed since snapshot `from`, at
+    /// cluster granularity, for incremental backups: see [`crate::diff`] for what counts and which pairs are
+    /// answered. One scan of `to`'s map; no data is read.
+    pub fn changes(&self, from: Uuid, to: Uuid) -> Result<crate::diff::Changes> {
+        let f = self.object(from)?;
+        Self::expect_kind(&f, ObjectKind::Snapshot)?;
+        let no_epoch = || EngineError::Corrupt("snapshot without epoch".into());
+        let since = f.epoch.ok_or_else(no_epoch)?;
+        let t = self.object(to)?;
+        let vs = self.volume_state(t.vol)?;
+        let view = match t.kind {
+            ObjectKind::Snapshot => t.epoch.ok_or_else(no_epoch)?,
+            ObjectKind::Vdi => vs.epoch(),
+        };
+        let since = if t.vol == f.vol {
+            if view < since {
+                return Err(EngineError::NotComparable(format!(
+                    "snapshot '{}' was taken before '{}': diff from the older one",
+                    t.name, f.name
+                )));
+            }
+            Some(since)
+        } else if vs
+            .parent
+            .is_some_and(|p| p.vol == f.vol && p.epoch == since)
+        {
+            // Cloned from `from` or reverted to it: everything it wrote itself is a change.
+            None
+        } else {
+            return Err(EngineError::NotComparable(format!(
+                "'{}' shares no history with snapshot '{}' that the map can compare (it is not a later snapshot \
+                 of the same VDI, nor cloned from or reverted to it)",
+                t.name, f.name
+            )));
+        };
+        let cs = self.inner.cs;
+        let runs =
+            crate::diff::changed_clusters(&self.inner, t.vol, since, view, t.size.div_ceil(cs))?;
+        Ok(crate::diff::Changes {
+            size: t.size,
+            granularity: cs,
+            extents: crate::diff::extents(&runs, cs, t.size, f.size),
+        })
+    }
+
     fn object(&self, id: Uuid) -> Result<ObjectRecord> {
         self.inner
             .state

@@ -34,6 +34,9 @@ pub enum EngineError {
     /// The snapshot does not belong to the VDI being reverted.
     #[error("snapshot '{0}' was not taken of VDI '{1}'")]
     NotSnapshotOf(String, String),
+    /// Two objects whose differences the map cannot answer (see [`crate::diff`]).
+    #[error("{0}")]
+    NotComparable(String),
     /// The object is open (exported, attached to a VM) and the operation needs it closed.
     #[error("'{0}' is in use (open by an export or a VM); close it first")]
     InUse(String),

@@ -15,11 +15,12 @@
 //! - **GC** reclaims what no view can see, in the background, crash-safely ([`gc`]).
 //!
 //! Modules: [`engine`] (open/create and control-plane operations), [`volume`] (the data path, `BlockDevice`),
-//! [`alloc`] (clusters), [`space`] (the metadata's headroom on the filesystem), `dirty` (deferred sub-cluster mask widenings), [`gc`], [`check`] (`sr check`), [`digest`] (`vdi digest`), [`keys`]/[`records`] (the
+//! [`alloc`] (clusters), [`space`] (the metadata's headroom on the filesystem), `dirty` (deferred sub-cluster mask widenings), [`gc`], [`check`] (`sr check`), [`digest`] (`vdi digest`), [`diff`] (changed blocks since a snapshot), [`keys`]/[`records`] (the
 //! on-disk format), [`state`] (in-memory caches).
 
 pub mod alloc;
 pub mod check;
+pub mod diff;
 pub mod digest;
 pub(crate) mod dirty;
 pub mod engine;
@@ -33,6 +34,7 @@ pub mod state;
 pub mod volume;
 
 pub use check::CheckReport;
+pub use diff::Changes;
 pub use engine::{Engine, ObjectInfo, SrConfig, SrInfo, MAX_VDI_SIZE};
 pub use error::{EngineError, Result};
 pub use records::ObjectKind;

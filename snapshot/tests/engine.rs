@@ -1139,3 +1139,122 @@ async fn check_of_a_live_sr_reports_no_writes_in_flight_as_leaks() {
     assert!(rep.ok(), "quiet check: {:?}", rep.problems);
     assert_eq!(rep.mapped_clusters * SMALL, e.sr_info().allocated_bytes);
 }
+
+/// Every byte where `to` differs from `from` lies inside one of `changes`' extents.
+async fn assert_changes_cover(e: &Engine, from: uuid::Uuid, to: uuid::Uuid) -> Vec<(u64, u64)> {
+    let ch = e.changes(from, to).unwrap();
+    let (a, b) = (e.open_volume(from).unwrap(), e.open_volume(to).unwrap());
+    let size = ch.size.min(a.size());
+    let old = a.read(0, IoBuf::zeroed(size as usize)).await.unwrap();
+    let new = b.read(0, IoBuf::zeroed(size as usize)).await.unwrap();
+    for (i, (x, y)) in old.as_slice().iter().zip(new.as_slice()).enumerate() {
+        let i = i as u64;
+        if x != y {
+            assert!(
+                ch.extents.iter().any(|&(o, l)| o <= i && i < o + l),
+                "byte {i} differs but is in no extent of {:?}",
+                ch.extents
+            );
+        }
+    }
+    assert_eq!(ch.granularity, CS);
+    ch.extents
+}
+
+#[tokio::test]
+async fn changed_blocks_since_a_snapshot() {
+    let t = tempfile::tempdir().unwrap();
+    let e = sr(t.path(), None).await;
+    let v = e.create_vdi("d", 20 * CS).await.unwrap();
+    let vol = e.open_volume(v.uuid).unwrap();
+    vol.write(0, pattern(5 * CS as usize, 1), WriteFlags::default())
+        .await
+        .unwrap();
+    let s1 = e.snapshot(v.uuid, "s1").await.unwrap();
+    assert_eq!(assert_changes_cover(&e, s1.uuid, v.uuid).await, vec![]);
+
+    // A partial write, a discard, a never-written cluster; zeroing a hole changes nothing.
+    vol.write(2 * CS + 512, pattern(4096, 2), WriteFlags::default())
+        .await
+        .unwrap();
+    vol.discard(3 * CS, CS).await.unwrap();
+    vol.write(7 * CS, pattern(CS as usize, 3), WriteFlags::default())
+        .await
+        .unwrap();
+    vol.write_zeroes(12 * CS, CS, false, WriteFlags::default())
+        .await
+        .unwrap();
+    let since_s1 = vec![(2 * CS, 2 * CS), (7 * CS, CS)];
+    assert_eq!(assert_changes_cover(&e, s1.uuid, v.uuid).await, since_s1);
+
+    // A second snapshot: s1 -> s2 keeps that answer; s2 -> head sees only what came after s2.
+    let s2 = e.snapshot(v.uuid, "s2").await.unwrap();
+    vol.write(CS, pattern(512, 4), WriteFlags::default())
+        .await
+        .unwrap();
+    // Cluster 7 again: s2 sees it, so this redirects once more.
+    vol.write(7 * CS, pattern(4096, 5), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(assert_changes_cover(&e, s1.uuid, s2.uuid).await, since_s1);
+    assert_eq!(
+        assert_changes_cover(&e, s2.uuid, v.uuid).await,
+        vec![(CS, CS), (7 * CS, CS)]
+    );
+    assert_eq!(
+        assert_changes_cover(&e, s1.uuid, v.uuid).await,
+        vec![(CS, 3 * CS), (7 * CS, CS)]
+    );
+    // The same snapshot on both sides: nothing.
+    assert_eq!(e.changes(s2.uuid, s2.uuid).unwrap().extents, vec![]);
+
+    // Growing adds space that `from` never had.
+    e.resize(v.uuid, 30 * CS, false).await.unwrap();
+    let grown = e.changes(s2.uuid, v.uuid).unwrap();
+    assert_eq!(grown.size, 30 * CS);
+    assert_eq!(
+        grown.extents,
+        vec![(CS, CS), (7 * CS, CS), (20 * CS, 10 * CS)]
+    );
+    assert_eq!(grown.changed_bytes(), 12 * CS);
+
+    // Pairs without a shared history the map answers from are refused, clearly.
+    let err = e.changes(s2.uuid, s1.uuid).unwrap_err();
+    assert!(matches!(err, EngineError::NotComparable(_)), "{err}");
+    assert!(err.to_string().contains("taken before"), "{err}");
+    assert!(matches!(
+        e.changes(v.uuid, s1.uuid),
+        Err(EngineError::WrongKind(..))
+    ));
+
+    // A clone of s1: what it wrote itself.
+    let c = e.clone_snapshot(s1.uuid, "c").await.unwrap();
+    let cvol = e.open_volume(c.uuid).unwrap();
+    assert_eq!(assert_changes_cover(&e, s1.uuid, c.uuid).await, vec![]);
+    cvol.write(5 * CS + 4096, pattern(4096, 6), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        assert_changes_cover(&e, s1.uuid, c.uuid).await,
+        vec![(5 * CS, CS)]
+    );
+    let err = e.changes(s2.uuid, c.uuid).unwrap_err();
+    assert!(matches!(err, EngineError::NotComparable(_)), "{err}");
+
+    // Reverted to s1: nothing changed since s1 until the VDI is written again; s2 no longer compares.
+    drop(vol);
+    e.revert(v.uuid, s1.uuid).await.unwrap();
+    assert_eq!(assert_changes_cover(&e, s1.uuid, v.uuid).await, vec![]);
+    let vol = e.open_volume(v.uuid).unwrap();
+    vol.write(4 * CS, pattern(4096, 7), WriteFlags::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        assert_changes_cover(&e, s1.uuid, v.uuid).await,
+        vec![(4 * CS, CS)]
+    );
+    assert!(matches!(
+        e.changes(s2.uuid, v.uuid),
+        Err(EngineError::NotComparable(_))
+    ));
+}

@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use shale_block::BlockDevice;
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Result, SrError};
+
+/// What a VDI or snapshot changed since an earlier snapshot: byte extents at the SR's granularity.
+pub use shale_snapshot::Changes;
 
 /// What an SR type can do (and so what it does itself rather than leaving to Shale).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +51,9 @@ pub struct Capabilities {
     /// Snapshot and clone are done by the storage itself (the filesystem's FICLONE, Ceph RBD), not by Shale's
     /// engine: their cost and space sharing are the backend's, and Shale keeps only the catalogue.
     pub offloaded_snapshots: bool,
+    /// Lists what changed since a snapshot (changed-block tracking, for incremental backups).
+    #[serde(default)]
+    pub changed_blocks: bool,
 }
 
 /// Options for creating an SR.
@@ -228,6 +234,15 @@ pub trait AttachedSr: Send + Sync + 'static {
 
     /// blake3 hex digest of the object's whole content.
     async fn digest(&self, id: Uuid) -> Result<String>;
+
+    /// What `to` (a VDI or a later snapshot) changed since snapshot `from`, for incremental backups. Types
+    /// without [`Capabilities::changed_blocks`] keep this default.
+    async fn changes(&self, from: Uuid, to: Uuid) -> Result<Changes> {
+        let _ = (from, to);
+        Err(SrError::FailedPrecondition(
+            "this SR type does not track changed blocks".into(),
+        ))
+    }
 
     /// Consistency check.
     async fn check(&self) -> Result<CheckReport>;

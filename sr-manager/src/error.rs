@@ -108,7 +108,8 @@ impl SrError {
             )),
             e @ (EngineError::WrongKind(..)
             | EngineError::NotSnapshotOf(..)
-            | EngineError::InUse(_)) => SrError::FailedPrecondition(e.to_string()),
+            | EngineError::InUse(_)
+            | EngineError::NotComparable(_)) => SrError::FailedPrecondition(e.to_string()),
             e @ EngineError::Locked(_) => SrError::Locked(e.to_string()),
             other => SrError::Engine(other),
         }

@@ -609,6 +609,32 @@ impl Host {
         Ok((r.vdi, d))
     }
 
+    /// What a VDI (or a later snapshot) changed since snapshot `from_ref` (a bare name is looked up in the VDI's
+    /// SR first): changed-block tracking for incremental backups. Returns the two objects and the extents.
+    pub async fn vdi_diff(
+        &self,
+        vdi_ref: &str,
+        from_ref: &str,
+    ) -> Result<(VdiInfo, VdiInfo, crate::driver::Changes)> {
+        let r = self.resolve(vdi_ref, None).await?;
+        let f = self.resolve(from_ref, Some(r.record.uuid)).await?;
+        if f.record.uuid != r.record.uuid {
+            return Err(SrError::FailedPrecondition(format!(
+                "snapshot '{}' is in SR '{}' but '{}' is in SR '{}'",
+                f.vdi.name, f.record.name, r.vdi.name, r.record.name
+            )));
+        }
+        if !self.capabilities_of(&r.record.sr_type).changed_blocks {
+            return Err(SrError::Unsupported(
+                r.record.name.clone(),
+                r.record.sr_type.clone(),
+                "listing changed blocks",
+            ));
+        }
+        let changes = r.sr.changes(f.vdi.uuid, r.vdi.uuid).await?;
+        Ok((r.vdi, f.vdi, changes))
+    }
+
     /// Open a VDI's or snapshot's data as a [`BlockDevice`]: the entry point for the NBD server and the VMM.
     pub async fn open_volume(&self, vdi_ref: &str) -> Result<(Resolved, Arc<dyn BlockDevice>)> {
         let r = self.resolve(vdi_ref, None).await?;

@@ -253,6 +253,7 @@ impl SrDriver for ReflinkDriver {
             check: true,
             gc: false,
             offloaded_snapshots: true,
+            changed_blocks: false,
         }
     }
 

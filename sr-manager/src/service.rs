@@ -66,6 +66,7 @@ fn caps(c: Capabilities) -> proto::Capabilities {
         check: c.check,
         gc: c.gc,
         offloaded_snapshots: c.offloaded_snapshots,
+        changed_blocks: c.changed_blocks,
     }
 }
 
@@ -325,6 +326,32 @@ impl Shale for ShaleService {
             name: vdi.name,
             digest,
             size: vdi.size,
+        }))
+    }
+
+    async fn vdi_diff(&self, req: Request<proto::VdiDiffRequest>) -> Reply<proto::VdiDiffReply> {
+        let r = req.into_inner();
+        let (vdi, from, ch) = self
+            .host
+            .vdi_diff(required("VDI", &r.vdi)?, required("snapshot", &r.from)?)
+            .await?;
+        Ok(Response::new(proto::VdiDiffReply {
+            vdi: Some(proto::ObjectRef {
+                uuid: vdi.uuid.to_string(),
+                name: vdi.name,
+            }),
+            from: Some(proto::ObjectRef {
+                uuid: from.uuid.to_string(),
+                name: from.name,
+            }),
+            size: ch.size,
+            granularity: ch.granularity,
+            changed_bytes: ch.changed_bytes(),
+            extents: ch
+                .extents
+                .iter()
+                .map(|&(offset, length)| proto::Extent { offset, length })
+                .collect(),
         }))
     }
 

@@ -102,6 +102,7 @@ impl SrDriver for ThinDriver {
             check: true,
             gc: true,
             offloaded_snapshots: false,
+            changed_blocks: true,
         }
     }
 
@@ -324,6 +325,15 @@ impl AttachedSr for ThinSr {
 
     async fn digest(&self, id: Uuid) -> Result<String> {
         self.engine()?.digest(id).await.map_err(|e| self.err(e))
+    }
+
+    async fn changes(&self, from: Uuid, to: Uuid) -> Result<crate::driver::Changes> {
+        let engine = self.engine()?;
+        // One range scan of the map: off the async workers, like check and digest's scans.
+        tokio::task::spawn_blocking(move || engine.changes(from, to))
+            .await
+            .map_err(|e| SrError::Io(std::io::Error::other(format!("diff task: {e}"))))?
+            .map_err(|e| self.err(e))
     }
 
     async fn check(&self) -> Result<CheckReport> {

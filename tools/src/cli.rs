@@ -216,6 +216,14 @@ pub enum VdiCommand {
         /// NAME, SR/NAME or UUID.
         vdi: String,
     },
+    /// List what a VDI (or a later snapshot) changed since a snapshot: changed blocks, for incremental backups
+    Diff {
+        /// The newer side: a VDI or snapshot (NAME, SR/NAME or UUID).
+        vdi: String,
+        /// The older side: a snapshot of that VDI, or the one it was cloned from or reverted to.
+        #[arg(long)]
+        from: String,
+    },
     /// Write data into a VDI (scripted I/O through the daemon; durable when the command returns).
     Write(WriteArgs),
     /// Print the NBD URIs of a VDI or snapshot (snapshots are exported read-only).

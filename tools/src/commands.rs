@@ -316,6 +316,15 @@ pub async fn vdi(ctx: &mut Ctx, cmd: VdiCommand) -> Result<u8> {
                 .into_inner();
             ctx.print(&r, |r| format!("{}  {}\n", r.digest, r.name))?;
         }
+        VdiCommand::Diff { vdi, from } => {
+            let r = ctx
+                .client
+                .vdi_diff(proto::VdiDiffRequest { vdi, from })
+                .await
+                .map_err(|s| ctx.status(s))?
+                .into_inner();
+            ctx.print(&r, output::diff)?;
+        }
         VdiCommand::Write(args) => write(ctx, args).await?,
         VdiCommand::Export { vdi } => crate::nbd::vdi_export(ctx, vdi).await?,
         VdiCommand::Read {

@@ -184,6 +184,7 @@ pub fn sr_fields(s: &proto::Sr) -> String {
             (c.check, "check"),
             (c.gc, "gc"),
             (c.offloaded_snapshots, "offloaded-snapshots"),
+            (c.changed_blocks, "changed-blocks"),
         ] {
             if on {
                 caps.push(name);
@@ -192,6 +193,38 @@ pub fn sr_fields(s: &proto::Sr) -> String {
         pairs.push(("capabilities", caps.join(" ")));
     }
     fields(&pairs)
+}
+
+/// `vdi diff`: the changed extents, then one summary line.
+pub fn diff(r: &proto::VdiDiffReply) -> String {
+    let name =
+        |o: &Option<proto::ObjectRef>| o.as_ref().map(|o| o.name.clone()).unwrap_or_default();
+    let rows: Vec<Vec<String>> = r
+        .extents
+        .iter()
+        .map(|e| {
+            vec![
+                e.offset.to_string(),
+                e.length.to_string(),
+                format_size(e.length),
+            ]
+        })
+        .collect();
+    let mut out = if rows.is_empty() {
+        String::new()
+    } else {
+        table(&["OFFSET", "LENGTH", "SIZE"], &rows)
+    };
+    out.push_str(&format!(
+        "{} changed in {} extent(s) of '{}' ({}) since '{}', at {} granularity\n",
+        format_size(r.changed_bytes),
+        r.extents.len(),
+        name(&r.vdi),
+        format_size(r.size),
+        name(&r.from),
+        format_size(r.granularity),
+    ));
+    out
 }
 
 fn kind_label(v: &proto::Vdi) -> String {
@@ -293,6 +326,44 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
+    }
+
+    /// `vdi diff` prints one row per extent and a summary naming both sides.
+    #[test]
+    fn diff_text() {
+        let obj = |n: &str| {
+            Some(proto::ObjectRef {
+                uuid: String::new(),
+                name: n.into(),
+            })
+        };
+        let mut r = proto::VdiDiffReply {
+            vdi: obj("d"),
+            from: obj("base"),
+            size: 8 << 20,
+            granularity: 65536,
+            extents: vec![proto::Extent {
+                offset: 1 << 20,
+                length: 131072,
+            }],
+            changed_bytes: 131072,
+        };
+        let t = diff(&r);
+        assert!(
+            t.contains("OFFSET") && t.contains("1048576") && t.contains("131072"),
+            "{t}"
+        );
+        assert!(
+            t.ends_with("128 KiB changed in 1 extent(s) of 'd' (8 MiB) since 'base', at 64 KiB granularity\n"),
+            "{t}"
+        );
+        r.extents.clear();
+        r.changed_bytes = 0;
+        assert!(
+            diff(&r).starts_with("0 B changed in 0 extent(s)"),
+            "{}",
+            diff(&r)
+        );
     }
 
     /// `sr show` lists what an SR type does itself, including snapshots offloaded to the backend.
