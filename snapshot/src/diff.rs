@@ -43,6 +43,16 @@ impl Changes {
     }
 }
 
+/// What [`crate::Engine::changes`] scans: volume `vol` at epoch `view`, entries newer than `since` (all when
+/// `None`), for a view `size` bytes long compared with one `from_size` bytes long.
+pub(crate) struct Plan {
+    pub vol: u64,
+    pub since: Option<u64>,
+    pub view: u64,
+    pub size: u64,
+    pub from_size: u64,
+}
+
 /// Runs of clusters below `last` whose newest entry in `vol` at or before `view` is newer than `since` (any
 /// entry at all when `since` is `None`), as (first cluster, count).
 pub(crate) fn changed_clusters(

@@ -830,6 +830,29 @@ impl Engine {
     /// cluster granularity, for incremental backups: see [`crate::diff`] for what counts and which pairs are
     /// answered. One scan of `to`'s map; no data is read.
     pub fn changes(&self, from: Uuid, to: Uuid) -> Result<crate::diff::Changes> {
+        let p = self.diff_plan(from, to)?;
+        let cs = self.inner.cs;
+        let runs = crate::diff::changed_clusters(
+            &self.inner,
+            p.vol,
+            p.since,
+            p.view,
+            p.size.div_ceil(cs),
+        )?;
+        Ok(crate::diff::Changes {
+            size: p.size,
+            granularity: cs,
+            extents: crate::diff::extents(&runs, cs, p.size, p.from_size),
+        })
+    }
+
+    /// Whether [`Engine::changes`] answers for this pair (cheap: no map scan). The NBD export offers a
+    /// `qemu:dirty-bitmap:` context for exactly these snapshots.
+    pub fn comparable(&self, from: Uuid, to: Uuid) -> bool {
+        self.diff_plan(from, to).is_ok()
+    }
+
+    fn diff_plan(&self, from: Uuid, to: Uuid) -> Result<crate::diff::Plan> {
         let f = self.object(from)?;
         Self::expect_kind(&f, ObjectKind::Snapshot)?;
         let no_epoch = || EngineError::Corrupt("snapshot without epoch".into());
@@ -861,13 +884,12 @@ impl Engine {
                 t.name, f.name
             )));
         };
-        let cs = self.inner.cs;
-        let runs =
-            crate::diff::changed_clusters(&self.inner, t.vol, since, view, t.size.div_ceil(cs))?;
-        Ok(crate::diff::Changes {
+        Ok(crate::diff::Plan {
+            vol: t.vol,
+            since,
+            view,
             size: t.size,
-            granularity: cs,
-            extents: crate::diff::extents(&runs, cs, t.size, f.size),
+            from_size: f.size,
         })
     }
 

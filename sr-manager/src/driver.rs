@@ -244,6 +244,12 @@ pub trait AttachedSr: Send + Sync + 'static {
         ))
     }
 
+    /// Whether [`AttachedSr::changes`] answers for this pair, cheaply (no scan).
+    fn comparable(&self, from: Uuid, to: Uuid) -> bool {
+        let _ = (from, to);
+        false
+    }
+
     /// Consistency check.
     async fn check(&self) -> Result<CheckReport>;
 

@@ -327,6 +327,10 @@ impl AttachedSr for ThinSr {
         self.engine()?.digest(id).await.map_err(|e| self.err(e))
     }
 
+    fn comparable(&self, from: Uuid, to: Uuid) -> bool {
+        self.engine().is_ok_and(|e| e.comparable(from, to))
+    }
+
     async fn changes(&self, from: Uuid, to: Uuid) -> Result<crate::driver::Changes> {
         let engine = self.engine()?;
         // One range scan of the map: off the async workers, like check and digest's scans.

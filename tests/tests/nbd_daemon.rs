@@ -8,7 +8,8 @@
 //! verified fio stress while snapshots are taken, destroyed and collected, and a full SR (ENOSPC to the client,
 //! the export still serving) followed by `kill -9` of the daemon (flushed and FUA writes survive), and TLS
 //! (`nbds://`, client certificates) with certificates from `tools/nbd-tls-certs.sh`, and extended headers
-//! (qemu negotiates them; 64-bit zeroing and maps of a VDI larger than 4 GiB).
+//! (qemu negotiates them; 64-bit zeroing and maps of a VDI larger than 4 GiB), and changed-block tracking
+//! (`qemu:dirty-bitmap:SNAP` contexts read by nbdinfo, qemu-img and a libnbd incremental-backup script).
 //!
 //! A test whose client tool is missing prints `SKIP: ...` and passes.
 
@@ -869,4 +870,213 @@ fn qemu_uses_extended_headers_on_a_large_thin_vdi() {
     h.close();
     let st = d.stop();
     assert!(st.success(), "daemon exit: {st}");
+}
+
+/// `nbdinfo --map=CONTEXT` as (offset, length, flags) rows.
+fn map_of(uri: &str, context: &str) -> Vec<(u64, u64, u32)> {
+    run_ok(&mut cmd("nbdinfo", &[&format!("--map={context}"), uri]))
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.parse().ok()?,
+                f.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// An incremental backup as an NBD backup tool makes it with libnbd: select `qemu:dirty-bitmap:SNAP` on the
+/// export of the newer snapshot, walk its block status, read only the dirty ranges and write them into the
+/// previous full copy. Prints the dirty ranges as `offset:length`.
+const LIBNBD_INCREMENTAL: &str = r#"
+import nbd, sys
+uri, ctx, out = sys.argv[1:4]
+h = nbd.NBD()
+h.add_meta_context(ctx)
+h.add_meta_context("base:allocation")
+h.connect_uri(uri)
+assert h.can_meta_context(ctx), "context not negotiated"
+size, off, dirty = h.get_size(), 0, []
+while off < size:
+    got = {}
+    def cb(c, o, e, err):
+        got[c] = (o, list(e))
+        return 0
+    h.block_status(size - off, off, cb)
+    assert "base:allocation" in got, "one reply carries every selected context"
+    pos = off
+    o, e = got[ctx]
+    for i in range(0, len(e), 2):
+        if e[i + 1] & 1:
+            dirty.append((pos, e[i]))
+        pos += e[i]
+    off = pos
+with open(out, "r+b") as f:
+    for o, l in dirty:
+        f.seek(o)
+        f.write(h.pread(l, o))
+print(" ".join("%d:%d" % d for d in dirty))
+"#;
+
+/// Changed-block tracking over NBD: an export offers `qemu:dirty-bitmap:SNAP` for each earlier snapshot of its
+/// VDI; nbdinfo, qemu-img (`x-dirty-bitmap`) and a libnbd backup script all see the extents `shale vdi diff`
+/// lists, and the script's incremental copy turns the full backup of `base` into `inc1` byte for byte.
+#[test]
+fn dirty_bitmaps_drive_an_incremental_backup_over_nbd() {
+    let py = "/usr/bin/python3";
+    let libnbd = Command::new(py)
+        .args(["-c", "import nbd"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !(have("qemu-img") && have("qemu-io") && have("nbdinfo") && libnbd) {
+        eprintln!("SKIP: needs qemu-img, qemu-io, nbdinfo and python3-libnbd");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("state"));
+    let size = 16 * MIB;
+    let a = tmp.path().join("a.raw");
+    sparse_image(&a, size, &[(0, 12 * MIB)], 30);
+    create_vdi(&d, "d", "16M");
+    let vdi = unix_uri(&d, "d");
+    run_ok(&mut cmd(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &a.display().to_string(),
+            &vdi,
+        ],
+    ));
+    d.shale(["vdi", "snapshot", "d", "--name", "base"]).ok();
+    // The full backup: a copy of the `base` snapshot's export.
+    let backup = tmp.path().join("backup.raw");
+    let backup_s = backup.display().to_string();
+    run_ok(&mut cmd(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &unix_uri(&d, "base"),
+            &backup_s,
+        ],
+    ));
+
+    // Changes after it: a 4 KiB write, 200 KiB across three clusters, zeroes over data.
+    run_ok(&mut qemu_io(
+        &vdi,
+        &[
+            "write -P 0x55 3M 4k",
+            "write -P 0x66 9437696 204800",
+            "write -z 1M 64k",
+        ],
+    ));
+    d.shale(["vdi", "snapshot", "d", "--name", "inc1"]).ok();
+    let inc1 = unix_uri(&d, "inc1");
+
+    // Which contexts each export offers: earlier snapshots of the same VDI only.
+    let list = run_ok(&mut cmd("nbdinfo", &["--list", &inc1]));
+    let inc1_block = list
+        .split("export=")
+        .find(|b| b.starts_with("\"local/inc1\""))
+        .expect("inc1 in the list");
+    assert!(
+        inc1_block.contains("qemu:dirty-bitmap:base"),
+        "{inc1_block}"
+    );
+    assert!(
+        !inc1_block.contains("qemu:dirty-bitmap:inc1"),
+        "{inc1_block}"
+    );
+    let base_block = list
+        .split("export=")
+        .find(|b| b.starts_with("\"local/base\""))
+        .expect("base in the list");
+    assert!(!base_block.contains("qemu:dirty-bitmap"), "{base_block}");
+
+    // nbdinfo's map of the bitmap is `vdi diff`'s answer.
+    let diff = d
+        .shale(["--json", "vdi", "diff", "inc1", "--from", "base"])
+        .ok()
+        .json();
+    let want: Vec<(u64, u64)> = diff["extents"]
+        .as_array()
+        .expect("extents")
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap_or(0),
+                e["length"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        want,
+        [(1 << 20, 1 << 16), (3 << 20, 1 << 16), (9 << 20, 4 << 16)],
+        "{diff}"
+    );
+    let dirty: Vec<(u64, u64)> = map_of(&inc1, "qemu:dirty-bitmap:base")
+        .into_iter()
+        .filter(|r| r.2 == 1)
+        .map(|r| (r.0, r.1))
+        .collect();
+    assert_eq!(dirty, want);
+
+    // qemu reads the bitmap too: with x-dirty-bitmap, `qemu-img map` shows dirty ranges as "data": false.
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export=local/inc1,x-dirty-bitmap=qemu:dirty-bitmap:base",
+        inc1.split("socket=").nth(1).expect("socket in the URI")
+    );
+    let qmap: Value = serde_json::from_str(&run_ok(&mut cmd(
+        "qemu-img",
+        &["map", "--output=json", "--image-opts", &opts],
+    )))
+    .expect("qemu-img map json");
+    let qdirty: Vec<(u64, u64)> = qmap
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["data"] == false)
+        .map(|r| {
+            (
+                r["start"].as_u64().unwrap_or(0),
+                r["length"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(qdirty, want, "{qmap}");
+
+    // The incremental copy: only the dirty ranges, read over NBD, turn the full backup into inc1.
+    let out = run_ok(&mut cmd(
+        py,
+        &[
+            "-c",
+            LIBNBD_INCREMENTAL,
+            &inc1,
+            "qemu:dirty-bitmap:base",
+            &backup_s,
+        ],
+    ));
+    let copied: Vec<String> = want.iter().map(|(o, l)| format!("{o}:{l}")).collect();
+    assert_eq!(out.trim(), copied.join(" "));
+    run_ok(&mut cmd(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &backup_s, &inc1],
+    ));
+
+    // An unknown bitmap is refused at negotiation.
+    let err = run_fails(&mut cmd(
+        "nbdinfo",
+        &["--map=qemu:dirty-bitmap:nope", &inc1],
+    ));
+    assert!(err.contains("qemu:dirty-bitmap:nope"), "{err}");
 }

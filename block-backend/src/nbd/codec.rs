@@ -1078,7 +1078,8 @@ pub fn put_error_chunk(
     out.extend_from_slice(msg);
 }
 
-/// Append a complete block status chunk (with DONE) for descriptors `(length, flags)`: with extended headers
+/// Append a complete block status chunk for descriptors `(length, flags)` of one metadata context (DONE on the
+/// last context's chunk): with extended headers
 /// an `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` chunk (64-bit lengths, descriptor count filled in), otherwise
 /// `NBD_REPLY_TYPE_BLOCK_STATUS`, whose lengths are 32 bits (callers keep compact descriptors within that; a
 /// compact request cannot ask for more).
@@ -1088,13 +1089,15 @@ pub fn put_block_status(
     handle: u64,
     context_id: u32,
     descriptors: &[(u64, u32)],
+    done: bool,
 ) {
     let n = descriptors.len() as u64;
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
     if framing.is_some() {
         put_chunk_header(
             out,
             framing,
-            REPLY_FLAG_DONE,
+            flags,
             REPLY_TYPE_BLOCK_STATUS_EXT,
             handle,
             8 + 16 * n,
@@ -1107,14 +1110,7 @@ pub fn put_block_status(
             out.extend_from_slice(&f.to_be_bytes());
         }
     } else {
-        put_chunk_header(
-            out,
-            None,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            handle,
-            4 + 8 * n,
-        );
+        put_chunk_header(out, None, flags, REPLY_TYPE_BLOCK_STATUS, handle, 4 + 8 * n);
         out.extend_from_slice(&context_id.to_be_bytes());
         for (l, f) in descriptors {
             debug_assert!(*l <= u64::from(u32::MAX), "compact block status length");
@@ -1168,7 +1164,7 @@ pub fn encode_block_status(
         .iter()
         .map(|&(l, f)| (u64::from(l), f))
         .collect();
-    put_block_status(out, None, handle, context_id, &wide);
+    put_block_status(out, None, handle, context_id, &wide, true);
 }
 
 /// A reply header as the client sees it.
@@ -1491,7 +1487,7 @@ mod tests {
         );
         let descs = [(1u64 << 35, STATE_HOLE | STATE_ZERO), (4096, 0)];
         let mut v = Vec::new();
-        put_block_status(&mut v, Some(0), 3, 1, &descs);
+        put_block_status(&mut v, Some(0), 3, 1, &descs, true);
         let h = decode_reply_header(&v[..EXT_CHUNK_HEADER_LEN]).unwrap();
         assert!(matches!(
             h,

@@ -6,8 +6,9 @@
 //! - [`codec`]: encoders and decoders for every handshake and transmission frame, shared by both ends.
 //!   Requests are parsed and validated into a typed [`codec::Request`] before anything executes them;
 //! - [`server`]: [`NbdServer`], an export registry plus Unix and TCP listeners, many connections, many requests
-//!   in flight per connection with out-of-order replies, structured replies with holes, `base:allocation`,
-//!   extended headers (64-bit lengths);
+//!   in flight per connection with out-of-order replies, structured replies with holes, `base:allocation` and
+//!   qemu's `qemu:dirty-bitmap:` changed-block contexts ([`server::DirtyBitmaps`]), extended headers (64-bit
+//!   lengths);
 //! - [`client`]: [`NbdClient`], a [`BlockDevice`] backed by a remote export (used for remote VM disks and for
 //!   testing the server against itself), with many requests in flight over one connection, extended headers
 //!   when the server offers them;
@@ -27,8 +28,8 @@ pub mod tls;
 pub use client::{ConnectOptions, NbdAddr, NbdClient, NbdUri};
 pub use codec::ProtocolError;
 pub use server::{
-    ConnectionInfo, Export, ExportRegistry, ExportSource, ExportSummary, ListenAddr, Listener,
-    NbdServer, ServerConfig, ServerTlsConfig,
+    ConnectionInfo, DirtyBitmaps, Export, ExportRegistry, ExportSource, ExportSummary, ListenAddr,
+    Listener, NbdServer, ServerConfig, ServerTlsConfig,
 };
 pub use tls::{ClientTls, ServerTls, TlsError, TlsPolicy};
 

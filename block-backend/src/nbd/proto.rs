@@ -199,8 +199,13 @@ pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_FLAG_ERROR | 1;
 /// Error at an offset.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_FLAG_ERROR | 2;
 
-/// The only metadata context Shale offers.
+/// The allocation metadata context every export offers.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Prefix of qemu's changed-block contexts, `qemu:dirty-bitmap:NAME` (qemu's `docs/interop/nbd.rst`): an export
+/// offers one per snapshot it can report changes since.
+pub const QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+/// `qemu:dirty-bitmap:NAME`: the extent changed (is "dirty") since the bitmap's point in time.
+pub const STATE_DIRTY: u32 = 1 << 0;
 /// `base:allocation`: the extent is not allocated.
 pub const STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation`: the extent reads as zeroes.

@@ -99,6 +99,22 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     /// Refuse writes even if the device accepts them (e.g. a snapshot, or an export made read-only by policy).
     pub read_only: bool,
+    /// Changed-block maps offered as `qemu:dirty-bitmap:NAME` metadata contexts, if any.
+    pub bitmaps: Option<Arc<dyn DirtyBitmaps>>,
+}
+
+/// The changed-block maps an export offers as qemu's `qemu:dirty-bitmap:NAME` metadata contexts, so backup
+/// clients (`nbdinfo --map=qemu:dirty-bitmap:NAME`, qemu's `x-dirty-bitmap`, libnbd) learn over NBD what changed
+/// since a point in time and copy only that.
+///
+/// A selected map is fetched once, when the client selects it (`NBD_OPT_SET_META_CONTEXT`), and answers every
+/// `NBD_CMD_BLOCK_STATUS` of the connection from memory: a point-in-time answer, exact for a read-only export.
+#[async_trait]
+pub trait DirtyBitmaps: Send + Sync {
+    /// The names offered (the `NAME` of `qemu:dirty-bitmap:NAME`).
+    fn names(&self) -> Vec<String>;
+    /// Bitmap `name`'s dirty byte ranges as sorted, non-overlapping (offset, length).
+    async fn extents(&self, name: &str) -> Result<Vec<(u64, u64)>, BlockError>;
 }
 
 impl Export {
@@ -109,7 +125,18 @@ impl Export {
             description: String::new(),
             device,
             read_only: false,
+            bitmaps: None,
         }
+    }
+
+    /// Offer changed-block maps as `qemu:dirty-bitmap:` contexts.
+    pub fn with_bitmaps(mut self, bitmaps: Arc<dyn DirtyBitmaps>) -> Self {
+        self.bitmaps = Some(bitmaps);
+        self
+    }
+
+    fn bitmap_names(&self) -> Vec<String> {
+        self.bitmaps.as_ref().map(|b| b.names()).unwrap_or_default()
     }
 
     /// Set the description.
@@ -968,6 +995,8 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 struct Session {
     export: Arc<Export>,
     neg: Negotiated,
+    /// Metadata contexts selected for block status, with their ids.
+    contexts: Arc<[(u32, Context)]>,
 }
 
 async fn send_rep<W: AsyncWrite + Unpin>(
@@ -1009,9 +1038,77 @@ fn block_sizes(config: &ServerConfig, info: &DeviceInfo) -> (u32, u32, u32) {
     (min, preferred.next_power_of_two().min(max), max)
 }
 
-/// Which contexts a list of queries selects: Shale has exactly `base:allocation`.
-fn match_contexts(queries: &[String]) -> bool {
-    queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+/// A metadata context an export offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ContextName {
+    /// `base:allocation`.
+    Base,
+    /// `qemu:dirty-bitmap:NAME`, with the index of NAME among the export's bitmaps (its id is 2 + index).
+    Bitmap(usize, String),
+}
+
+impl ContextName {
+    fn id(&self) -> u32 {
+        match self {
+            ContextName::Base => BASE_ALLOCATION_ID,
+            ContextName::Bitmap(i, _) => {
+                BASE_ALLOCATION_ID + 1 + u32::try_from(*i).unwrap_or(u32::MAX - 2)
+            }
+        }
+    }
+
+    fn full(&self) -> String {
+        match self {
+            ContextName::Base => BASE_ALLOCATION.to_string(),
+            ContextName::Bitmap(_, n) => format!("{QEMU_DIRTY_BITMAP}{n}"),
+        }
+    }
+}
+
+/// Which of an export's contexts (`base:allocation`, then its `bitmaps`) a list of queries selects, in that
+/// order and without repeats. Listing with no queries, or with a namespace alone (`base:`, `qemu:`,
+/// `qemu:dirty-bitmap:`), names every context there; setting selects exact names (and `base:`, the namespace's
+/// one context).
+fn match_contexts(queries: &[String], bitmaps: &[String], list: bool) -> Vec<ContextName> {
+    let all_bitmaps = || {
+        bitmaps
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ContextName::Bitmap(i, n.clone()))
+    };
+    let mut out: Vec<ContextName> = Vec::new();
+    let add = |c: ContextName, out: &mut Vec<ContextName>| {
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    };
+    if list && queries.is_empty() {
+        add(ContextName::Base, &mut out);
+        all_bitmaps().for_each(|c| add(c, &mut out));
+        return out;
+    }
+    for q in queries {
+        if q == "base:" || q == BASE_ALLOCATION {
+            add(ContextName::Base, &mut out);
+        } else if list && (q == "qemu:" || q == QEMU_DIRTY_BITMAP) {
+            all_bitmaps().for_each(|c| add(c, &mut out));
+        } else if let Some(name) = q.strip_prefix(QEMU_DIRTY_BITMAP) {
+            if let Some(i) = bitmaps.iter().position(|b| b == name) {
+                add(ContextName::Bitmap(i, name.to_string()), &mut out);
+            }
+        }
+    }
+    out.sort_by_key(ContextName::id);
+    out
+}
+
+/// A context selected for a connection, ready to answer block status.
+#[derive(Clone)]
+enum Context {
+    /// `base:allocation`, from the device's extents.
+    Base,
+    /// A dirty bitmap, fetched when it was selected.
+    Dirty(Arc<[(u64, u64)]>),
 }
 
 /// How option haggling ended.
@@ -1074,8 +1171,8 @@ where
         tls = TlsStage::Unavailable;
     }
     let mut replies = Replies::default();
-    // (canonical export name, base:allocation selected)
-    let mut meta: Option<(String, bool)> = None;
+    // (canonical export name, the contexts selected for it with their ids)
+    let mut meta: Option<(String, Vec<(u32, Context)>)> = None;
     let mut data = Vec::new();
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
@@ -1148,15 +1245,9 @@ where
                 codec::encode_export_name_reply(&mut v, info.size, flags, cflags.no_zeroes);
                 wr.write_all(&v).await?;
                 wr.flush().await?;
-                let block_status = matches!(&meta, Some((n, true)) if *n == export.name);
+                let contexts = selected_for(&mut meta, &export.name);
                 return Ok(HandshakeEnd::Session(session(
-                    inner,
-                    state,
-                    export,
-                    &info,
-                    flags,
-                    replies,
-                    block_status,
+                    inner, state, export, &info, flags, replies, contexts,
                 )));
             }
             ClientOption::Abort => {
@@ -1258,15 +1349,9 @@ where
                 send_rep(wr, option, REP_ACK, &[]).await?;
                 wr.flush().await?;
                 if go {
-                    let block_status = matches!(&meta, Some((n, true)) if *n == export.name);
+                    let contexts = selected_for(&mut meta, &export.name);
                     return Ok(HandshakeEnd::Session(session(
-                        inner,
-                        state,
-                        export,
-                        &info,
-                        flags,
-                        replies,
-                        block_status,
+                        inner, state, export, &info, flags, replies, contexts,
                     )));
                 }
                 continue;
@@ -1283,19 +1368,29 @@ where
                     )
                     .await?;
                 } else if let Some(e) = inner.source.lookup(&export).await {
-                    let selected = match_contexts(&queries) && !(set && queries.is_empty());
-                    if selected {
-                        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    let names = e.bitmap_names();
+                    let mut chosen = Vec::new();
+                    for c in match_contexts(&queries, &names, !set) {
+                        let ready = match (&c, set) {
+                            (_, false) | (ContextName::Base, true) => Some(Context::Base),
+                            (ContextName::Bitmap(_, n), true) => {
+                                fetch_bitmap(&e, n, state.id).await
+                            }
+                        };
+                        // A bitmap that cannot be read now is not selected (the client sees it missing).
+                        let Some(ready) = ready else { continue };
+                        let id = if set { c.id() } else { 0 };
                         send_rep(
                             wr,
                             option,
                             REP_META_CONTEXT,
-                            &codec::encode_meta_context(id, BASE_ALLOCATION),
+                            &codec::encode_meta_context(id, &c.full()),
                         )
                         .await?;
+                        chosen.push((id, ready));
                     }
                     if set {
-                        meta = Some((e.name.clone(), selected));
+                        meta = Some((e.name.clone(), chosen));
                     }
                     send_rep(wr, option, REP_ACK, &[]).await?;
                 } else {
@@ -1321,6 +1416,29 @@ struct Replies {
     extended: bool,
 }
 
+/// The contexts selected for `export` (none if the last `SET_META_CONTEXT` named another export).
+fn selected_for(
+    meta: &mut Option<(String, Vec<(u32, Context)>)>,
+    export: &str,
+) -> Vec<(u32, Context)> {
+    match meta.take() {
+        Some((name, contexts)) if name == export => contexts,
+        _ => Vec::new(),
+    }
+}
+
+/// Read dirty bitmap `name` of export `e` for a connection that selects it.
+async fn fetch_bitmap(e: &Export, name: &str, conn: u64) -> Option<Context> {
+    let bitmaps = e.bitmaps.as_ref()?;
+    match bitmaps.extents(name).await {
+        Ok(v) => Some(Context::Dirty(v.into())),
+        Err(err) => {
+            warn!(conn, export = %e.name, bitmap = name, error = %err, "dirty bitmap unavailable");
+            None
+        }
+    }
+}
+
 fn session(
     inner: &Inner,
     state: &ConnState,
@@ -1328,8 +1446,7 @@ fn session(
     info: &DeviceInfo,
     flags: u16,
     replies: Replies,
-
-    block_status: bool,
+    contexts: Vec<(u32, Context)>,
 ) -> Session {
     let (min, _, max) = block_sizes(&inner.config, info);
     *state.export.lock() = Some(export.name.clone());
@@ -1341,9 +1458,10 @@ fn session(
             flags,
             structured: replies.structured,
             extended: replies.extended,
-            block_status,
+            block_status: !contexts.is_empty(),
         },
         export,
+        contexts: contexts.into(),
     }
 }
 
@@ -1370,10 +1488,10 @@ enum Reply {
         error: u32,
         message: String,
     },
-    /// Block status descriptors.
+    /// Block status descriptors, one list per selected context (by id).
     BlockStatus {
         handle: u64,
-        descriptors: Vec<(u64, u32)>,
+        chunks: Vec<(u32, Vec<(u64, u32)>)>,
     },
 }
 
@@ -1390,6 +1508,7 @@ struct ConnCtx {
     device: Arc<dyn BlockDevice>,
     info: DeviceInfo,
     neg: Negotiated,
+    contexts: Arc<[(u32, Context)]>,
     sparse_read_min: u32,
     state: Arc<ConnState>,
     tx: mpsc::UnboundedSender<Outgoing>,
@@ -1608,13 +1727,32 @@ impl ConnCtx {
                 .await
                 .map(|_| ok),
             Command::BlockStatus { req_one } => {
-                match semantics::execute(dev, SemReq::BlockStatus { offset, len }).await {
-                    Ok(Response::Extents(ext)) => Ok(Reply::BlockStatus {
-                        handle: h,
-                        descriptors: descriptors(&ext, offset, req.len, req_one),
-                    }),
-                    Ok(_) => Err(BlockError::Other("block status returned no extents".into())),
-                    Err(e) => Err(e),
+                let mut chunks = Vec::with_capacity(self.contexts.len());
+                let mut failed = None;
+                for (id, c) in self.contexts.iter() {
+                    match c {
+                        Context::Base => {
+                            match semantics::execute(dev, SemReq::BlockStatus { offset, len }).await
+                            {
+                                Ok(Response::Extents(ext)) => {
+                                    chunks.push((*id, descriptors(&ext, offset, req.len, req_one)))
+                                }
+                                Ok(_) => {
+                                    failed = Some(BlockError::Other(
+                                        "block status returned no extents".into(),
+                                    ))
+                                }
+                                Err(e) => failed = Some(e),
+                            }
+                        }
+                        Context::Dirty(map) => {
+                            chunks.push((*id, dirty_descriptors(map, offset, req.len, req_one)))
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(Reply::BlockStatus { handle: h, chunks }),
                 }
             }
             Command::Disconnect => Ok(ok),
@@ -1668,6 +1806,40 @@ fn descriptors(extents: &[Extent], offset: u64, len: u64, req_one: bool) -> Vec<
     out
 }
 
+/// `qemu:dirty-bitmap:` descriptors for `[offset, offset + len)` from a bitmap's sorted dirty extents: runs of
+/// clean (0) and dirty ([`STATE_DIRTY`]) bytes covering the whole range.
+fn dirty_descriptors(map: &[(u64, u64)], offset: u64, len: u64, req_one: bool) -> Vec<(u64, u32)> {
+    let end = offset.saturating_add(len);
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let push = |l: u64, f: u32, out: &mut Vec<(u64, u32)>| match out.last_mut() {
+        Some((ll, ff)) if *ff == f => *ll += l,
+        _ => out.push((l, f)),
+    };
+    let mut pos = offset;
+    let first = map.partition_point(|&(o, l)| o.saturating_add(l) <= offset);
+    for &(o, l) in &map[first..] {
+        if pos >= end || o >= end {
+            break;
+        }
+        if o > pos {
+            push(o - pos, 0, &mut out);
+            pos = o;
+        }
+        let t = o.saturating_add(l).min(end);
+        if t > pos {
+            push(t - pos, STATE_DIRTY, &mut out);
+            pos = t;
+        }
+    }
+    if pos < end {
+        push(end - pos, 0, &mut out);
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
 async fn transmission<R, W>(
     inner: &Inner,
     state: &Arc<ConnState>,
@@ -1684,6 +1856,7 @@ async fn transmission<R, W>(
         info: session.export.device.info(),
         device: session.export.device.clone(),
         neg: session.neg,
+        contexts: session.contexts.clone(),
         sparse_read_min: inner.config.sparse_read_min,
         state: state.clone(),
         tx,
@@ -1960,13 +2133,13 @@ impl Batch {
             } => {
                 self.put_meta(|m| codec::put_error_chunk(m, framing, *handle, *error, message));
             }
-            Reply::BlockStatus {
-                handle,
-                descriptors,
-            } => {
-                self.put_meta(|m| {
-                    codec::put_block_status(m, framing, *handle, BASE_ALLOCATION_ID, descriptors)
-                });
+            Reply::BlockStatus { handle, chunks } => {
+                let last = chunks.len().saturating_sub(1);
+                for (i, (id, descriptors)) in chunks.iter().enumerate() {
+                    self.put_meta(|m| {
+                        codec::put_block_status(m, framing, *handle, *id, descriptors, i == last)
+                    });
+                }
             }
         }
         self.items.push(out);
@@ -2117,6 +2290,71 @@ mod tests {
             ext(4096, 4096, ExtentKind::Hole),
         ];
         assert_eq!(descriptors(&holes, 0, 8192, false), vec![(8192, 3)]);
+    }
+
+    /// Dirty-bitmap descriptors cover the whole request in clean and dirty runs, whatever the extents.
+    #[test]
+    fn dirty_descriptors_cover_the_request() {
+        let map = [(4096, 4096), (8192, 4096), (65536, 65536)];
+        assert_eq!(
+            dirty_descriptors(&map, 0, 1 << 20, false),
+            vec![
+                (4096, 0),
+                (8192, STATE_DIRTY),
+                (65536 - 12288, 0),
+                (65536, STATE_DIRTY),
+                ((1 << 20) - 131072, 0)
+            ]
+        );
+        // Starting inside a dirty extent, ending inside another.
+        assert_eq!(
+            dirty_descriptors(&map, 6144, 65536, false),
+            vec![(6144, STATE_DIRTY), (65536 - 12288, 0), (6144, STATE_DIRTY)]
+        );
+        assert_eq!(dirty_descriptors(&map, 0, 65536, true), vec![(4096, 0)]);
+        assert_eq!(dirty_descriptors(&[], 512, 512, false), vec![(512, 0)]);
+        assert_eq!(
+            dirty_descriptors(&map, 1 << 20, 4096, false),
+            vec![(4096, 0)]
+        );
+    }
+
+    /// Context queries: listing with none or a namespace names everything there; setting takes exact names;
+    /// ids are fixed per export (base:allocation 1, bitmap i at 2 + i) and the order follows them.
+    #[test]
+    fn contexts_match_queries() {
+        let bm = vec!["base".to_string(), "inc1".to_string()];
+        let q = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let names = |v: Vec<ContextName>| v.iter().map(|c| (c.id(), c.full())).collect::<Vec<_>>();
+        let all = vec![
+            (1, "base:allocation".to_string()),
+            (2, "qemu:dirty-bitmap:base".to_string()),
+            (3, "qemu:dirty-bitmap:inc1".to_string()),
+        ];
+        assert_eq!(names(match_contexts(&[], &bm, true)), all);
+        assert_eq!(names(match_contexts(&q(&["qemu:"]), &bm, true)), all[1..]);
+        assert_eq!(
+            names(match_contexts(&q(&["qemu:dirty-bitmap:"]), &bm, true)),
+            all[1..]
+        );
+        // Setting: a namespace alone selects nothing in qemu's, the one context in base's.
+        assert!(match_contexts(&q(&["qemu:"]), &bm, false).is_empty());
+        assert!(match_contexts(&[], &bm, false).is_empty());
+        assert_eq!(
+            names(match_contexts(
+                &q(&[
+                    "qemu:dirty-bitmap:inc1",
+                    "base:",
+                    "qemu:dirty-bitmap:nope",
+                    "base:allocation"
+                ]),
+                &bm,
+                false
+            )),
+            vec![all[0].clone(), all[2].clone()]
+        );
+        assert!(match_contexts(&q(&["qemu:dirty-bitmap:x"]), &[], true).is_empty());
+        assert!(match_contexts(&q(&["other:thing"]), &bm, false).is_empty());
     }
 
     #[test]
