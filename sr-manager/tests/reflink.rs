@@ -121,6 +121,31 @@ impl Drop for Mount {
     }
 }
 
+/// A native thin SR named `small` (at `sr` in the mount) on a new ext4 of `size` bytes, or `None` after printing
+/// SKIP for `test` where loop-mounted filesystems are unavailable.
+async fn thin_sr_on_ext4(
+    size: u64,
+    test: &str,
+) -> Option<(Mount, ThinDriver, std::sync::Arc<dyn shale_sr::AttachedSr>)> {
+    let mount = match Mount::ext4(size) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIP {test}: cannot mount an ext4 loop filesystem ({e})");
+            return None;
+        }
+    };
+    let driver = ThinDriver::new(IoEngine::new(IoEngineConfig::default()).expect("io engine"));
+    let sr = driver
+        .create(
+            "small",
+            &mount.path().join("sr"),
+            &SrCreateOptions::default(),
+        )
+        .await
+        .expect("create SR");
+    Some((mount, driver, sr))
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_add((i % 251) as u8))
@@ -296,22 +321,12 @@ async fn reflink_sr_refused_without_reflinks() {
 /// reads back after the SR is detached and attached again, and destroying a VDI makes room for new writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thin_sr_on_a_full_filesystem() {
-    let mount = match Mount::ext4(128 * MIB) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!(
-                "SKIP thin_sr_on_a_full_filesystem: cannot mount an ext4 loop filesystem ({e})"
-            );
-            return;
-        }
+    let Some((mount, driver, sr)) =
+        thin_sr_on_ext4(128 * MIB, "thin_sr_on_a_full_filesystem").await
+    else {
+        return;
     };
-    let io = IoEngine::new(IoEngineConfig::default()).expect("io engine");
-    let driver = ThinDriver::new(io);
     let sr_path = mount.path().join("sr");
-    let sr = driver
-        .create("small", &sr_path, &SrCreateOptions::default())
-        .await
-        .expect("create SR");
     let other = sr.vdi_create("other", 64 * MIB).await.expect("create VDI");
     let vdi = sr.vdi_create("big", 256 * MIB).await.expect("create VDI");
     let dev = sr.open(vdi.uuid).expect("open");
@@ -438,22 +453,12 @@ async fn churn_metadata(
 /// the SR attached again, every flushed write is there, it checks clean, and it takes changes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_write_on_a_full_filesystem() {
-    let mount = match Mount::ext4(128 * MIB) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!(
-                "SKIP metadata_write_on_a_full_filesystem: cannot mount an ext4 loop filesystem ({e})"
-            );
-            return;
-        }
+    let Some((mount, driver, sr)) =
+        thin_sr_on_ext4(128 * MIB, "metadata_write_on_a_full_filesystem").await
+    else {
+        return;
     };
-    let io = IoEngine::new(IoEngineConfig::default()).expect("io engine");
-    let driver = ThinDriver::new(io);
     let sr_path = mount.path().join("sr");
-    let sr = driver
-        .create("small", &sr_path, &SrCreateOptions::default())
-        .await
-        .expect("create SR");
     let vdi = sr.vdi_create("d", 64 * MIB).await.expect("create VDI");
     let dev = sr.open(vdi.uuid).expect("open");
     let data = pattern(3, 8 * MIB as usize);

@@ -377,3 +377,20 @@ pub fn have(tool: &str) -> bool {
     }
     found
 }
+
+/// The `extents` of a `vdi diff --json` reply as (offset, length).
+pub fn diff_extents(diff: &serde_json::Value) -> Vec<(u64, u64)> {
+    diff["extents"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    (
+                        e["offset"].as_u64().unwrap_or(0),
+                        e["length"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

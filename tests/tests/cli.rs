@@ -618,17 +618,7 @@ fn changed_blocks_make_an_incremental_backup() {
         .json();
     assert_eq!(diff["granularity"], 65536);
     assert_eq!(diff["size"], 8 << 20);
-    let extents: Vec<(u64, u64)> = diff["extents"]
-        .as_array()
-        .expect("extents")
-        .iter()
-        .map(|e| {
-            (
-                e["offset"].as_u64().unwrap_or(0),
-                e["length"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let extents = shale_tests::diff_extents(&diff);
     assert_eq!(
         extents,
         [(1 << 20, 65536), (3 << 20, 65536), (5 << 20, 65536)],

@@ -114,19 +114,9 @@ fn create_vdi(d: &Daemon, name: &str, size: &str) {
         .ok();
 }
 
-/// `nbdinfo --map` as (offset, length, type) rows.
+/// `nbdinfo --map` (`base:allocation`) as (offset, length, type) rows.
 fn map(uri: &str) -> Vec<(u64, u64, u32)> {
-    run_ok(&mut cmd("nbdinfo", &["--map", uri]))
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<_> = l.split_whitespace().collect();
-            Some((
-                f.first()?.parse().ok()?,
-                f.get(1)?.parse().ok()?,
-                f.get(2)?.parse().ok()?,
-            ))
-        })
-        .collect()
+    map_of(uri, "base:allocation")
 }
 
 /// The NBD connections the daemon reports for `export`.
@@ -1008,17 +998,7 @@ fn dirty_bitmaps_drive_an_incremental_backup_over_nbd() {
         .shale(["--json", "vdi", "diff", "inc1", "--from", "base"])
         .ok()
         .json();
-    let want: Vec<(u64, u64)> = diff["extents"]
-        .as_array()
-        .expect("extents")
-        .iter()
-        .map(|e| {
-            (
-                e["offset"].as_u64().unwrap_or(0),
-                e["length"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let want = shale_tests::diff_extents(&diff);
     assert_eq!(
         want,
         [(1 << 20, 1 << 16), (3 << 20, 1 << 16), (9 << 20, 4 << 16)],
