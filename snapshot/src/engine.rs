@@ -286,15 +286,25 @@ impl Inner {
             .map_err(|e| self.write_failed(e))
     }
 
-    /// Record the first failed metadata write (logged once, shown by `sr show`) and classify it.
+    /// Record the first failed metadata write (logged once, shown by `sr show`) and classify it. Once a full
+    /// filesystem has failed the WAL, RocksDB answers later writes with "Seen error" and the like; those report
+    /// the cause (`MetadataNoSpace`, ENOSPC to clients) rather than an opaque I/O error.
     pub fn write_failed(&self, e: rocksdb::Error) -> EngineError {
         let mut first = self.meta_error.lock();
-        if first.is_none() {
-            tracing::error!(sr = %self.dir.display(), error = %e,
-                "metadata write failed; the SR takes no more changes until it is attached again");
-            *first = Some(e.to_string());
+        match first.as_ref() {
+            None => {
+                tracing::error!(sr = %self.dir.display(), error = %e,
+                    "metadata write failed; the SR takes no more changes until it is attached again");
+                *first = Some(e.to_string());
+                e.into()
+            }
+            Some(cause) => match EngineError::from(e) {
+                EngineError::Db(_) if cause.contains("No space left on device") => {
+                    EngineError::MetadataNoSpace(cause.clone())
+                }
+                other => other,
+            },
         }
-        e.into()
     }
 
     /// Write a large batch whose keys were put in key order (not synced). RocksDB then keeps each memtable

@@ -490,14 +490,14 @@ async fn metadata_write_on_a_full_filesystem() {
     assert!(failed.contains("No space left on device"), "{failed}");
     // Still serving: reads of flushed data; writes refused as full, whether they need metadata or not.
     assert_eq!(read(dev.as_ref(), 0, 8 * MIB as usize).await, data);
-    let w = dev
-        .write(
-            32 * MIB,
-            IoBuf::from_slice(&pattern(7, 4096)),
-            WriteFlags::FUA,
-        )
-        .await;
-    assert!(matches!(w, Err(shale_block::BlockError::NoSpace)), "{w:?}");
+    // A new cluster, and a rewrite in place that cannot be made durable (of the bytes already there, since a
+    // failed write may still have reached the disk): both report the full filesystem.
+    for (offset, bytes) in [(32 * MIB, pattern(7, 4096)), (0, data[..4096].to_vec())] {
+        let w = dev
+            .write(offset, IoBuf::from_slice(&bytes), WriteFlags::FUA)
+            .await;
+        assert!(matches!(w, Err(shale_block::BlockError::NoSpace)), "{w:?}");
+    }
     assert!(sr.vdi_create("more", MIB).await.is_err());
 
     // Space freed, the SR attached again: flushed data intact, clean, and taking changes.
