@@ -357,6 +357,7 @@ impl Conn {
             r,
             shared.clone(),
             params.meta_id,
+            params.structured,
             params.extended,
         ));
         Conn {
@@ -1268,13 +1269,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut r: BufReader<R>,
     shared: Arc<Shared>,
     meta_id: Option<u32>,
+    structured: bool,
     extended: bool,
 ) {
     let mut guard = FailPendingOnDrop {
         shared: &shared,
         why: "the reply reader stopped".into(),
     };
-    guard.why = match read_replies(&mut r, &shared, meta_id, extended).await {
+    guard.why = match read_replies(&mut r, &shared, meta_id, structured, extended).await {
         Ok(()) => "server closed the connection".to_string(),
         Err(e) => {
             warn!(error = %e, "NBD client connection failed");
@@ -1328,6 +1330,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
     r: &mut BufReader<R>,
     shared: &Shared,
     meta_id: Option<u32>,
+    structured: bool,
     extended: bool,
 ) -> Result<(), NbdError> {
     let mut hdr = [0u8; EXT_CHUNK_HEADER_LEN];
@@ -1351,7 +1354,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
         match codec::decode_reply_header(&hdr[..n])? {
             ReplyHeader::Simple { error, handle } => {
                 let mut p = take_pending(shared, handle)?;
-                if let Err(e) = simple(r, &mut p, error).await {
+                if let Err(e) = simple(r, &mut p, error, structured).await {
                     return Err(fail(p, e));
                 }
                 complete(p);
@@ -1399,14 +1402,22 @@ fn fail(p: Pending, e: NbdError) -> NbdError {
     e
 }
 
-/// Apply a simple reply to its pending request.
+/// Apply a simple reply to its pending request. Once structured replies are negotiated, the spec allows a simple
+/// reply to a read only for an error, without data: a successful one is a protocol violation, and reading the
+/// bytes after it as the read's data would hand the caller whatever frames follow.
 async fn simple<R: AsyncRead + Unpin>(
     r: &mut R,
     p: &mut Pending,
     error: u32,
+    structured: bool,
 ) -> Result<(), NbdError> {
     if error != 0 {
         p.error = Some(remote_error(error, ""));
+    } else if structured && matches!(p.op, Op::Read { .. }) {
+        return Err(malformed(
+            "reply",
+            "successful simple reply to READ after structured replies were negotiated",
+        ));
     } else if let Op::Read { buf, covered, .. } = &mut p.op {
         r.read_exact(buf).await?;
         *covered = Coverage::whole(buf.len() as u64);
