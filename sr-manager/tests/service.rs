@@ -156,6 +156,38 @@ async fn status_codes_and_addressing() {
     };
     assert_eq!(code(c.vdi_revert(revert).await), Code::FailedPrecondition);
 
+    // Changed blocks: both sides required, a snapshot from another SR or a VDI as the base refused, and a
+    // snapshot against its own VDI answered.
+    let diff = |vdi: &str, from: &str| proto::VdiDiffRequest {
+        vdi: vdi.into(),
+        from: from.into(),
+    };
+    let dcode =
+        |r: Result<tonic::Response<proto::VdiDiffReply>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        dcode(c.vdi_diff(diff("", "s")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        dcode(c.vdi_diff(diff("other/a", "")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        dcode(c.vdi_diff(diff("local/a", "other/s")).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        dcode(c.vdi_diff(diff("other/s", "other/a")).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        dcode(c.vdi_diff(diff("other/a", "nosuch")).await),
+        Code::NotFound
+    );
+    let d = c.vdi_diff(diff("other/a", "s")).await.unwrap().into_inner();
+    assert_eq!((d.size, d.granularity, d.changed_bytes), (1 << 20, 4096, 0));
+    assert_eq!(d.from.map(|f| f.name), Some("s".to_string()));
+
     // A full SR is RESOURCE_EXHAUSTED, naming the SR.
     c.vdi_create(create("other", "big", 4 << 20)).await.unwrap();
     let w = proto::VdiWriteRequest {
