@@ -299,7 +299,7 @@ impl Inner {
                 e.into()
             }
             Some(cause) => match EngineError::from(e) {
-                EngineError::Db(_) if cause.contains("No space left on device") => {
+                EngineError::Db(_) if crate::error::is_no_space(cause) => {
                     EngineError::MetadataNoSpace(cause.clone())
                 }
                 other => other,

@@ -77,12 +77,17 @@ pub enum EngineError {
     Block(#[from] BlockError),
 }
 
+/// Whether a metadata store message reports a full filesystem: RocksDB says so only in words
+/// (`IOStatus::NoSpace`: "IO error: No space left on device: ..."), so this is the one place that reads them.
+pub fn is_no_space(message: &str) -> bool {
+    message.contains("No space left on device")
+}
+
 impl From<rocksdb::Error> for EngineError {
     /// RocksDB reports a full filesystem only in its message (`IOStatus::NoSpace`: "IO error: No space left on
     /// device: ..."); it gets its own variant so clients see ENOSPC rather than EIO.
     fn from(e: rocksdb::Error) -> Self {
-        if e.kind() == rocksdb::ErrorKind::IOError && e.as_ref().contains("No space left on device")
-        {
+        if e.kind() == rocksdb::ErrorKind::IOError && is_no_space(e.as_ref()) {
             EngineError::MetadataNoSpace(e.into_string())
         } else {
             EngineError::Db(e)

@@ -103,54 +103,53 @@ impl HostExports {
         }
         let dev = r.sr.open(r.vdi.uuid)?;
         let read_only = r.vdi.read_only || r.vdi.kind == VdiKind::Snapshot || dev.read_only();
-        let mut export = Export::new(canonical_name(&r.record.name, &r.vdi.name), dev)
+        let export = Export::new(canonical_name(&r.record.name, &r.vdi.name), dev)
             .with_description(Self::description(&r.record.name, &r.vdi))
-            .read_only(read_only);
-        let bitmaps = SnapshotBitmaps::of(r.sr.clone(), r.vdi.uuid);
-        if !bitmaps.bases.is_empty() {
-            export = export.with_bitmaps(Arc::new(bitmaps));
-        }
+            .read_only(read_only)
+            .with_bitmaps(Arc::new(SnapshotBitmaps {
+                sr: r.sr.clone(),
+                object: r.vdi.uuid,
+            }));
         Ok(Arc::new(export))
     }
 }
 
 /// The changed blocks of an exported VDI or snapshot since each snapshot it can be compared with (a snapshot of
 /// the same VDI taken before it, or the snapshot it was cloned from or reverted to), offered over NBD as
-/// `qemu:dirty-bitmap:SNAPSHOT` contexts: the `shale vdi diff` answer for backup clients that speak NBD.
+/// `qemu:dirty-bitmap:SNAPSHOT` contexts: the `shale vdi diff` answer for backup clients that speak NBD. The
+/// snapshots are looked up only when a client asks about metadata contexts, not on every connection.
 struct SnapshotBitmaps {
     sr: Arc<dyn AttachedSr>,
     object: Uuid,
-    /// (snapshot name, uuid), oldest first.
-    bases: Vec<(String, Uuid)>,
 }
 
 impl SnapshotBitmaps {
-    fn of(sr: Arc<dyn AttachedSr>, object: Uuid) -> Self {
-        let bases = sr
+    /// (snapshot name, uuid) of every snapshot the object compares with, oldest first.
+    fn bases(&self) -> Vec<(String, Uuid)> {
+        self.sr
             .list()
             .into_iter()
-            .filter(|s| s.kind == VdiKind::Snapshot && !s.hidden && s.uuid != object)
-            .filter(|s| sr.comparable(s.uuid, object))
+            .filter(|s| s.kind == VdiKind::Snapshot && !s.hidden && s.uuid != self.object)
+            .filter(|s| self.sr.comparable(s.uuid, self.object))
             .map(|s| (s.name, s.uuid))
-            .collect();
-        SnapshotBitmaps { sr, object, bases }
+            .collect()
     }
 }
 
 #[async_trait]
 impl DirtyBitmaps for SnapshotBitmaps {
     fn names(&self) -> Vec<String> {
-        self.bases.iter().map(|(n, _)| n.clone()).collect()
+        self.bases().into_iter().map(|(n, _)| n).collect()
     }
 
     async fn extents(&self, name: &str) -> std::result::Result<Vec<(u64, u64)>, BlockError> {
         let (_, from) = self
-            .bases
-            .iter()
+            .bases()
+            .into_iter()
             .find(|(n, _)| n == name)
             .ok_or_else(|| BlockError::Other(format!("no dirty bitmap {name:?}")))?;
         self.sr
-            .changes(*from, self.object)
+            .changes(from, self.object)
             .await
             .map(|c| c.extents)
             .map_err(|e| BlockError::Other(e.to_string()))

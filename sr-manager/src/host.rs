@@ -576,16 +576,23 @@ impl Host {
         Ok(Self::view_of(&r.record, r.sr.as_ref(), vdi))
     }
 
-    /// Revert a VDI to one of its snapshots (a bare snapshot name is looked up in the VDI's SR first).
-    pub async fn vdi_revert(&self, vdi_ref: &str, snap_ref: &str) -> Result<VdiView> {
-        let r = self.resolve(vdi_ref, None).await?;
+    /// Resolve the snapshot `snap_ref` that an operation on `r` pairs it with: a bare name is looked up in `r`'s
+    /// SR first, and a snapshot in another SR is refused (revert and diff work within one SR).
+    async fn resolve_in_same_sr(&self, r: &Resolved, snap_ref: &str) -> Result<Resolved> {
         let s = self.resolve(snap_ref, Some(r.record.uuid)).await?;
         if s.record.uuid != r.record.uuid {
             return Err(SrError::FailedPrecondition(format!(
-                "snapshot '{}' is in SR '{}' but VDI '{}' is in SR '{}'",
+                "snapshot '{}' is in SR '{}' but '{}' is in SR '{}'",
                 s.vdi.name, s.record.name, r.vdi.name, r.record.name
             )));
         }
+        Ok(s)
+    }
+
+    /// Revert a VDI to one of its snapshots (a bare snapshot name is looked up in the VDI's SR first).
+    pub async fn vdi_revert(&self, vdi_ref: &str, snap_ref: &str) -> Result<VdiView> {
+        let r = self.resolve(vdi_ref, None).await?;
+        let s = self.resolve_in_same_sr(&r, snap_ref).await?;
         r.sr.vdi_revert(r.vdi.uuid, s.vdi.uuid).await?;
         tracing::info!(sr = %r.record.name, vdi = %r.vdi.name, snapshot = %s.vdi.name, "reverted VDI");
         let vdi = r.sr.info(r.vdi.uuid)?;
@@ -617,13 +624,7 @@ impl Host {
         from_ref: &str,
     ) -> Result<(VdiInfo, VdiInfo, crate::driver::Changes)> {
         let r = self.resolve(vdi_ref, None).await?;
-        let f = self.resolve(from_ref, Some(r.record.uuid)).await?;
-        if f.record.uuid != r.record.uuid {
-            return Err(SrError::FailedPrecondition(format!(
-                "snapshot '{}' is in SR '{}' but '{}' is in SR '{}'",
-                f.vdi.name, f.record.name, r.vdi.name, r.record.name
-            )));
-        }
+        let f = self.resolve_in_same_sr(&r, from_ref).await?;
         if !self.capabilities_of(&r.record.sr_type).changed_blocks {
             return Err(SrError::Unsupported(
                 r.record.name.clone(),

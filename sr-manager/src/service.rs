@@ -104,7 +104,7 @@ fn sr_status(unavailable: Option<&str>, metadata_error: Option<&str>) -> String 
         (None, Some(e)) => format!(
             "degraded: a metadata write failed ({}); no changes until the SR is attached again (restart the \
              daemon)",
-            if e.contains("No space left on device") {
+            if shale_snapshot::error::is_no_space(e) {
                 "the filesystem is full"
             } else {
                 e
@@ -336,14 +336,14 @@ impl Shale for ShaleService {
             .vdi_diff(required("VDI", &r.vdi)?, required("snapshot", &r.from)?)
             .await?;
         Ok(Response::new(proto::VdiDiffReply {
-            vdi: Some(proto::ObjectRef {
-                uuid: vdi.uuid.to_string(),
+            vdi: Some(named(Named {
+                uuid: vdi.uuid,
                 name: vdi.name,
-            }),
-            from: Some(proto::ObjectRef {
-                uuid: from.uuid.to_string(),
+            })),
+            from: Some(named(Named {
+                uuid: from.uuid,
                 name: from.name,
-            }),
+            })),
             size: ch.size,
             granularity: ch.granularity,
             changed_bytes: ch.changed_bytes(),
