@@ -679,9 +679,15 @@ impl Engine {
 
     /// Close the SR: stop background GC, wait (up to 10 s) until every other clone of this engine and every volume
     /// handle is gone, then release the metadata store so the SR can be opened again.
+    ///
+    /// If the pending frees cannot be made durable (a metadata write already failed, say on a full filesystem),
+    /// the SR still closes: it is then not marked clean, and the next open recovers it as after a crash. That is
+    /// how an SR degraded by a failed metadata write is brought back without restarting the process.
     pub async fn close(self) -> Result<()> {
         // Make pending frees durable and punch them, so the SR can be marked clean.
-        crate::gc::flush(&self.inner).await?;
+        if let Err(e) = crate::gc::flush(&self.inner).await {
+            warn!(sr = %self.inner.sb.uuid, error = %e, "closing without flushing pending frees; the next open recovers them");
+        }
         self.inner.closed.store(true, Ordering::Release);
         self.inner.gc_wake.notify_one();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -743,6 +749,12 @@ impl Engine {
     /// The SR's superblock (identity and geometry).
     pub fn superblock(&self) -> &SuperBlock {
         &self.inner.sb
+    }
+
+    /// Names of the VDIs and snapshots with a volume handle open (an NBD client, a VM, a copy in progress): what
+    /// keeps [`Engine::close`] waiting, so callers can refuse to detach with a list instead of timing out.
+    pub fn open_objects(&self) -> Vec<String> {
+        self.inner.state.read().open_names()
     }
 
     /// SR-wide figures.

@@ -66,7 +66,7 @@ pub enum EngineError {
     /// later change until the SR is attached again; reads go on, and flushed writes are safe.
     #[error(
         "the SR's filesystem is full and its metadata store could not write ({0}); free space on it, then attach \
-         the SR again (restart the daemon): flushed writes are kept, later ones may be lost as in a crash"
+         the SR again (`shale sr detach` and `shale sr attach`): flushed writes are kept, later ones may be lost as in a crash"
     )]
     MetadataNoSpace(String),
     /// Host I/O failed.

@@ -16,7 +16,8 @@
 //!
 //! **What it cannot prevent.** Another writer on the same filesystem can still take the last blocks. Then a
 //! RocksDB write fails with ENOSPC, the engine reports `EngineError::MetadataNoSpace`, and once space is freed
-//! the SR is attached again (the daemon does that when it restarts); every flushed write is still there.
+//! the SR is attached again (`shale sr detach` and `shale sr attach`, or a daemon restart); every flushed write
+//! is still there.
 //!
 //! **Cost on the data path.** Free space comes from `fstatvfs` on the data file, cached for [`REFRESH`] while
 //! more than [`SLACK`] bytes stay above the headroom; each admitted cluster is subtracted from the cached figure.

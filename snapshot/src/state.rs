@@ -146,4 +146,16 @@ impl State {
     pub fn is_open(&self, id: &Uuid) -> bool {
         self.open.get(id).copied().unwrap_or(0) > 0
     }
+
+    /// Names of the objects with a handle open, sorted.
+    pub fn open_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .open
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .filter_map(|(id, _)| self.objects.get(id).map(|o| o.name.clone()))
+            .collect();
+        names.sort();
+        names
+    }
 }

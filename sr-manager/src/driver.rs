@@ -202,6 +202,10 @@ pub trait AttachedSr: Send + Sync + 'static {
     /// Release the SR (close metadata and data files). Later calls on this handle fail.
     async fn detach(&self) -> Result<()>;
 
+    /// Names of the VDIs and snapshots with a volume open (NBD clients, VM disks), sorted: while any is, the SR
+    /// is in use and [`crate::host::Host::sr_detach`] refuses, naming them.
+    fn open_objects(&self) -> Vec<String>;
+
     /// Every VDI and snapshot, hidden ones included.
     fn list(&self) -> Vec<VdiInfo>;
 

@@ -45,6 +45,8 @@ pub struct SrView {
     pub record: SrRecord,
     /// `None` when attached; the reason otherwise.
     pub unavailable: Option<String>,
+    /// Detached on purpose ([`Host::sr_detach`]) rather than failed; `unavailable` then says how to attach it.
+    pub detached: bool,
     /// Space accounting (attached SRs only).
     pub stats: Option<SrStats>,
     /// What the SR's type can do.
@@ -82,6 +84,8 @@ pub struct VdiView {
 struct SrSlot {
     record: SrRecord,
     sr: std::result::Result<Arc<dyn AttachedSr>, String>,
+    /// Set by [`Host::sr_detach`], cleared by [`Host::sr_attach`].
+    detached: bool,
 }
 
 struct Inner {
@@ -170,7 +174,11 @@ impl Host {
                     }
                     Err(e) => tracing::error!(sr = %record.name, error = %e, "SR unavailable"),
                 }
-                inner.srs.push(SrSlot { record, sr });
+                inner.srs.push(SrSlot {
+                    record,
+                    sr,
+                    detached: false,
+                });
             }
         }
         if first_start {
@@ -213,7 +221,11 @@ impl Host {
             let _ = sr.detach().await;
             return Err(e);
         }
-        let slot = SrSlot { record, sr: Ok(sr) };
+        let slot = SrSlot {
+            record,
+            sr: Ok(sr),
+            detached: false,
+        };
         let view = self.view(&slot);
         inner.srs.push(slot);
         Ok(view)
@@ -249,18 +261,14 @@ impl Host {
         SrView {
             record: slot.record.clone(),
             unavailable: slot.sr.as_ref().err().cloned(),
+            detached: slot.detached,
             stats: slot.sr.as_ref().ok().map(|sr| sr.stats()),
             capabilities: self.capabilities_of(&slot.record.sr_type),
         }
     }
 
     fn find_slot<'a>(inner: &'a Inner, sr_ref: &str) -> Result<&'a SrSlot> {
-        let by_uuid = Uuid::parse_str(sr_ref).ok();
-        inner
-            .srs
-            .iter()
-            .find(|s| s.record.name == sr_ref || Some(s.record.uuid) == by_uuid)
-            .ok_or_else(|| SrError::SrNotFound(sr_ref.to_string()))
+        Ok(&inner.srs[Self::slot_index(inner, sr_ref)?])
     }
 
     fn attached(slot: &SrSlot) -> Result<Arc<dyn AttachedSr>> {
@@ -312,7 +320,11 @@ impl Host {
             return Err(e);
         }
         tracing::info!(sr = %record.name, uuid = %record.uuid, path = %record.path.display(), "created SR");
-        let slot = SrSlot { record, sr: Ok(sr) };
+        let slot = SrSlot {
+            record,
+            sr: Ok(sr),
+            detached: false,
+        };
         let view = self.view(&slot);
         inner.srs.push(slot);
         Ok(view)
@@ -386,6 +398,93 @@ impl Host {
         let (record, sr) = self.sr_handle(sr_ref).await?;
         let bytes = sr.gc().await?;
         Ok((record, bytes))
+    }
+
+    /// Detach an SR without destroying it, as XenServer's `pbd-unplug`: close its metadata store and data files
+    /// and keep it in the registry as detached, so its objects disappear from listings and exports until
+    /// [`Host::sr_attach`]. Refused while any of its VDIs or snapshots is open (an NBD client, a VM disk), naming
+    /// them: detaching under a writer would fail its I/O. This is how an SR degraded by a failed metadata write
+    /// (a full filesystem) is recovered without restarting the daemon and so without dropping other SRs' users.
+    /// The state is not persisted: a daemon restart attaches every registered SR, as XenServer plugs every PBD
+    /// when a host starts. Detaching a detached SR changes nothing.
+    pub async fn sr_detach(&self, sr_ref: &str) -> Result<SrView> {
+        let mut inner = self.inner.write().await;
+        let idx = Self::slot_index(&inner, sr_ref)?;
+        let slot = &inner.srs[idx];
+        let Ok(sr) = slot.sr.clone() else {
+            // Already detached, or never attached: nothing to release.
+            return Ok(self.view(slot));
+        };
+        let open = sr.open_objects();
+        if !open.is_empty() {
+            return Err(SrError::FailedPrecondition(format!(
+                "SR '{}' is in use: {} open (exported over NBD or a VM disk); disconnect {} first",
+                slot.record.name,
+                quoted_with_verb(&open),
+                if open.len() == 1 { "it" } else { "them" }
+            )));
+        }
+        let name = slot.record.name.clone();
+        // Whatever detach reports, the handle is spent: later calls on it fail, so the slot says detached.
+        let result = sr.detach().await;
+        let slot = &mut inner.srs[idx];
+        slot.detached = result.is_ok();
+        slot.sr = Err(match &result {
+            Ok(()) => format!("detached (`shale sr attach {name}` attaches it again)"),
+            Err(e) => format!("detach did not complete ({e}); `shale sr attach {name}` retries"),
+        });
+        result?;
+        tracing::info!(sr = %name, "detached SR");
+        Ok(self.view(&inner.srs[idx]))
+    }
+
+    /// Attach a registered SR that is detached or failed to attach (its disk was missing when the daemon started,
+    /// say), as XenServer's `pbd-plug`. The SR found at the recorded path must be the registered one (same UUID),
+    /// so a different filesystem mounted there is refused rather than served under this SR's name. Attaching an
+    /// attached SR changes nothing.
+    pub async fn sr_attach(&self, sr_ref: &str) -> Result<SrView> {
+        let mut inner = self.inner.write().await;
+        let idx = Self::slot_index(&inner, sr_ref)?;
+        if inner.srs[idx].sr.is_ok() {
+            return Ok(self.view(&inner.srs[idx]));
+        }
+        let record = inner.srs[idx].record.clone();
+        let driver = self.driver(&record.sr_type)?;
+        let attached = match driver.attach(&record.name, &record.path).await {
+            Ok(sr) if sr.stats().uuid != record.uuid => {
+                let found = sr.stats().uuid;
+                let _ = sr.detach().await;
+                Err(SrError::FailedPrecondition(format!(
+                    "{} holds SR {found}, not SR '{}' ({}); mount or restore the right one there",
+                    record.path.display(),
+                    record.name,
+                    record.uuid
+                )))
+            }
+            other => other,
+        };
+        match attached {
+            Ok(sr) => {
+                inner.srs[idx].sr = Ok(sr);
+                inner.srs[idx].detached = false;
+                tracing::info!(sr = %record.name, path = %record.path.display(), "attached SR");
+                Ok(self.view(&inner.srs[idx]))
+            }
+            Err(e) => {
+                inner.srs[idx].sr = Err(e.to_string());
+                tracing::warn!(sr = %record.name, error = %e, "SR attach failed");
+                Err(e)
+            }
+        }
+    }
+
+    fn slot_index(inner: &Inner, sr_ref: &str) -> Result<usize> {
+        let by_uuid = Uuid::parse_str(sr_ref).ok();
+        inner
+            .srs
+            .iter()
+            .position(|s| s.record.name == sr_ref || Some(s.record.uuid) == by_uuid)
+            .ok_or_else(|| SrError::SrNotFound(sr_ref.to_string()))
     }
 
     /// Every attached SR with its handle.
@@ -693,6 +792,16 @@ impl Host {
                 }
             }
         }
+    }
+}
+
+/// `'a', 'b' and 'c'`: names for a one-line message.
+fn quoted_with_verb(names: &[String]) -> String {
+    let q: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    match q.as_slice() {
+        [] => String::new(),
+        [one] => format!("{one} is"),
+        [rest @ .., last] => format!("{} and {last} are", rest.join(", ")),
     }
 }
 

@@ -545,6 +545,20 @@ impl AttachedSr for ReflinkSr {
         Ok(())
     }
 
+    fn open_objects(&self) -> Vec<String> {
+        let Ok(cat) = self.catalog() else {
+            return Vec::new();
+        };
+        let table = self.open.lock();
+        let mut names: Vec<String> = table
+            .keys()
+            .filter(|id| is_open(&table, **id))
+            .filter_map(|id| cat.get(*id).map(|e| e.name.clone()))
+            .collect();
+        names.sort();
+        names
+    }
+
     fn list(&self) -> Vec<VdiInfo> {
         match self.catalog() {
             Ok(cat) => cat.objects.iter().map(|e| self.to_info(&cat, e)).collect(),

@@ -78,10 +78,14 @@ pub fn sr_to_proto(v: SrView) -> proto::Sr {
         name: v.record.name,
         r#type: v.record.sr_type,
         path: v.record.path.display().to_string(),
-        status: sr_status(
-            v.unavailable.as_deref(),
-            stats.as_ref().and_then(|s| s.metadata_error.as_deref()),
-        ),
+        status: if v.detached {
+            v.unavailable.clone().unwrap_or_else(|| "detached".into())
+        } else {
+            sr_status(
+                v.unavailable.as_deref(),
+                stats.as_ref().and_then(|s| s.metadata_error.as_deref()),
+            )
+        },
         cluster_size: stats.as_ref().map(|s| s.cluster_size).unwrap_or(0),
         capacity: stats.as_ref().and_then(|s| s.capacity),
         allocated_bytes: stats.as_ref().map(|s| s.allocated_bytes).unwrap_or(0),
@@ -97,13 +101,13 @@ pub fn sr_to_proto(v: SrView) -> proto::Sr {
 }
 
 /// An SR's one-line status: attached, degraded (a metadata write failed, so it refuses changes until attached
-/// again), or unavailable and why.
+/// again), or unavailable and why. (A detached SR's status is `detached (...)`, set in [`sr_to_proto`].)
 fn sr_status(unavailable: Option<&str>, metadata_error: Option<&str>) -> String {
     match (unavailable, metadata_error) {
         (None, None) => "attached".into(),
         (None, Some(e)) => format!(
-            "degraded: a metadata write failed ({}); no changes until the SR is attached again (restart the \
-             daemon)",
+            "degraded: a metadata write failed ({}); no changes until the SR is attached again (`shale sr \
+             detach` and `shale sr attach` once there is room)",
             if shale_snapshot::error::is_no_space(e) {
                 "the filesystem is full"
             } else {
@@ -216,6 +220,18 @@ impl Shale for ShaleService {
             uuid: rec.uuid.to_string(),
             name: rec.name,
         }))
+    }
+
+    async fn sr_detach(&self, req: Request<proto::SrRef>) -> Reply<proto::Sr> {
+        let r = req.into_inner();
+        let v = self.host.sr_detach(required("SR", &r.sr)?).await?;
+        Ok(Response::new(sr_to_proto(v)))
+    }
+
+    async fn sr_attach(&self, req: Request<proto::SrRef>) -> Reply<proto::Sr> {
+        let r = req.into_inner();
+        let v = self.host.sr_attach(required("SR", &r.sr)?).await?;
+        Ok(Response::new(sr_to_proto(v)))
     }
 
     async fn sr_check(&self, req: Request<proto::SrRef>) -> Reply<proto::SrCheckReply> {
@@ -425,7 +441,7 @@ mod tests {
             Some("IO error: No space left on device: While appending to file: meta/000009.log"),
         );
         assert!(full.starts_with("degraded: a metadata write failed (the filesystem is full)"));
-        assert!(full.contains("restart the daemon"), "{full}");
+        assert!(full.contains("shale sr attach"), "{full}");
         assert!(sr_status(None, Some("IO error: EIO")).contains("(IO error: EIO)"));
         assert_eq!(sr_status(Some("gone"), None), "unavailable: gone");
     }

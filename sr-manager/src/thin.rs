@@ -257,6 +257,14 @@ impl AttachedSr for ThinSr {
         }
     }
 
+    fn open_objects(&self) -> Vec<String> {
+        self.engine
+            .read()
+            .as_ref()
+            .map(|e| e.open_objects())
+            .unwrap_or_default()
+    }
+
     fn list(&self) -> Vec<VdiInfo> {
         match self.engine() {
             Ok(e) => e.list().into_iter().map(to_vdi).collect(),

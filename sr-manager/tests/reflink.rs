@@ -14,7 +14,7 @@ use shale_block::uring::{IoEngine, IoEngineConfig};
 use shale_block::{BlockDevice, IoBuf, WriteFlags};
 use shale_sr::reflink::ReflinkDriver;
 use shale_sr::thin::ThinDriver;
-use shale_sr::{SrCreateOptions, SrDriver, SrError, VdiKind};
+use shale_sr::{Host, SrCreateOptions, SrDriver, SrError, VdiKind};
 
 const MIB: u64 = 1 << 20;
 
@@ -206,12 +206,14 @@ async fn reflink_sr_on_xfs() {
     assert_eq!(read(dev.as_ref(), 3 * MIB, MIB as usize).await, new);
     let sdev = sr.open(snap.uuid).expect("open snapshot");
     assert!(sdev.read_only());
+    assert_eq!(sr.open_objects(), ["disk", "snap1"]);
     assert_eq!(read(sdev.as_ref(), 3 * MIB, MIB as usize).await, old);
     assert!(sdev
         .write(0, IoBuf::from_slice(&old[..4096]), WriteFlags::default())
         .await
         .is_err());
     drop(sdev);
+    assert_eq!(sr.open_objects(), ["disk"]);
 
     // Clone: same content as the snapshot, writable, independent.
     let clone = sr.vdi_clone(snap.uuid, "clone1").await.expect("clone");
@@ -449,17 +451,37 @@ async fn churn_metadata(
 
 /// Another writer fills the filesystem of a thin SR, past the headroom kept for metadata, until a RocksDB write
 /// itself fails with ENOSPC: the operation gets a clear "full" error naming the way out, the SR reports itself
-/// degraded, reads go on and writes fail with `NoSpace` (never a panic or a hang). Once the space is freed and
-/// the SR attached again, every flushed write is there, it checks clean, and it takes changes again.
+/// degraded, reads go on and writes fail with `NoSpace` (never a panic or a hang). Once the space is freed, the
+/// host detaches and attaches the SR (refused while the VDI is open): every flushed write is there, it checks
+/// clean, and it takes changes again, without restarting anything else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_write_on_a_full_filesystem() {
-    let Some((mount, driver, sr)) =
-        thin_sr_on_ext4(128 * MIB, "metadata_write_on_a_full_filesystem").await
-    else {
-        return;
+    let test = "metadata_write_on_a_full_filesystem";
+    let mount = match Mount::ext4(128 * MIB) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIP {test}: cannot mount an ext4 loop filesystem ({e})");
+            return;
+        }
     };
-    let sr_path = mount.path().join("sr");
-    let vdi = sr.vdi_create("d", 64 * MIB).await.expect("create VDI");
+    let state = tempfile::tempdir().expect("state dir");
+    let io = IoEngine::new(IoEngineConfig::default()).expect("io engine");
+    let host = Host::open(state.path(), vec![std::sync::Arc::new(ThinDriver::new(io))])
+        .await
+        .expect("host");
+    host.sr_create(
+        "small",
+        "thin",
+        &mount.path().join("sr"),
+        &SrCreateOptions::default(),
+    )
+    .await
+    .expect("create SR");
+    host.vdi_create(Some("small"), "d", 64 * MIB)
+        .await
+        .expect("create VDI");
+    let resolved = host.resolve("small/d", None).await.expect("resolve");
+    let (sr, vdi) = (resolved.sr, resolved.vdi);
     let dev = sr.open(vdi.uuid).expect("open");
     let data = pattern(3, 8 * MIB as usize);
     dev.write(0, IoBuf::from_slice(&data), WriteFlags::default())
@@ -500,15 +522,25 @@ async fn metadata_write_on_a_full_filesystem() {
     }
     assert!(sr.vdi_create("more", MIB).await.is_err());
 
-    // Space freed, the SR attached again: flushed data intact, clean, and taking changes.
+    // Space freed, the SR detached (not while the VDI is open) and attached again: flushed data intact, clean,
+    // and taking changes.
     std::fs::remove_file(&filler).expect("remove filler");
+    let busy = host
+        .sr_detach("small")
+        .await
+        .expect_err("detach with d open");
+    assert!(busy.to_string().contains("'d' is open"), "{busy}");
     drop(dev);
-    if let Err(e) = sr.detach().await {
-        eprintln!("detach after the failed metadata write: {e}");
-    }
-    drop(sr);
-    let sr = driver.attach("small", &sr_path).await.expect("attach");
-    assert!(sr.stats().metadata_error.is_none());
+    let view = host
+        .sr_detach("small")
+        .await
+        .expect("a degraded SR detaches");
+    assert!(view.unavailable.is_some_and(|u| u.starts_with("detached")));
+    assert!(matches!(sr.open(vdi.uuid), Err(SrError::SrUnavailable(..))));
+    let view = host.sr_attach("small").await.expect("attach");
+    assert!(view.unavailable.is_none());
+    assert!(view.stats.expect("stats").metadata_error.is_none());
+    let sr = host.resolve("small/d", None).await.expect("resolve").sr;
     let dev = sr.open(vdi.uuid).expect("open");
     assert_eq!(read(dev.as_ref(), 0, 8 * MIB as usize).await, data);
     let report = sr.check().await.expect("check");
@@ -520,5 +552,5 @@ async fn metadata_write_on_a_full_filesystem() {
     assert_eq!(read(dev.as_ref(), 32 * MIB, MIB as usize).await, more);
     sr.vdi_snapshot(vdi.uuid, "after").await.expect("snapshot");
     drop(dev);
-    sr.detach().await.expect("detach");
+    host.shutdown().await;
 }

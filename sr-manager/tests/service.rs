@@ -228,7 +228,38 @@ async fn status_codes_and_addressing() {
     assert_eq!(dev.size(), 1 << 20);
     let exports: Vec<String> = host.exports().await.into_iter().map(|e| e.0).collect();
     assert!(exports.contains(&"other/s".to_string()), "{exports:?}");
+
+    // Detach and attach: an open volume makes its SR busy (FAILED_PRECONDITION); a detached SR's objects are
+    // UNAVAILABLE and not exported; attaching brings them back.
+    let sr_ref = |sr: &str| proto::SrRef { sr: sr.into() };
+    let st = c.sr_detach(sr_ref("local")).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("'a' is open"), "{}", st.message());
     drop(dev);
+    assert_eq!(
+        c.sr_detach(sr_ref("")).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        c.sr_attach(sr_ref("nosuch")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let sr = c.sr_detach(sr_ref("other")).await.unwrap().into_inner();
+    assert!(sr.status.starts_with("detached"), "{}", sr.status);
+    assert_eq!(
+        code(
+            c.vdi_show(proto::VdiRef {
+                vdi: "other/a".into()
+            })
+            .await
+        ),
+        Code::Unavailable
+    );
+    let exports: Vec<String> = host.exports().await.into_iter().map(|e| e.0).collect();
+    assert_eq!(exports, ["local/a"]);
+    let sr = c.sr_attach(sr_ref("other")).await.unwrap().into_inner();
+    assert_eq!(sr.status, "attached");
+    assert_eq!((sr.vdis, sr.snapshots), (2, 1));
 
     let destroy = proto::SrDestroyRequest {
         sr: "other".into(),

@@ -1060,3 +1060,141 @@ fn dirty_bitmaps_drive_an_incremental_backup_over_nbd() {
     ));
     assert!(err.contains("qemu:dirty-bitmap:nope"), "{err}");
 }
+
+/// `shale sr detach` / `sr attach`, XenServer's PBD unplug and plug, without a daemon restart: refused while an
+/// NBD client has one of the SR's VDIs open (naming it); once detached, the SR's objects leave the CLI and the
+/// export list while another SR keeps serving; attached again, every write is there and it takes new ones. A
+/// directory that holds a different SR is refused by UUID, and an SR missing when the daemon started is attached
+/// once it is back.
+#[test]
+fn sr_detach_and_attach_without_a_restart() {
+    if !(have("qemu-io") && have("nbdinfo")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let d = Daemon::start(&state);
+    let sr_create = |d: &Daemon, name: &str| {
+        let path = tmp.path().join(name).display().to_string();
+        d.shale(["sr", "create", "--name", name, "--path", &path])
+            .ok();
+    };
+    sr_create(&d, "fast");
+    d.shale([
+        "vdi", "create", "--sr", "fast", "--name", "d", "--size", "16M",
+    ])
+    .ok();
+    d.shale([
+        "vdi",
+        "write",
+        "fast/d",
+        "--pattern",
+        "0x5a",
+        "--length",
+        "2M",
+    ])
+    .ok();
+    let digest = d.digest("fast/d");
+    d.shale([
+        "vdi", "create", "--sr", "local", "--name", "keep", "--size", "4M",
+    ])
+    .ok();
+    let keep = unix_uri(&d, "keep");
+    let uri = unix_uri(&d, "fast/d");
+
+    // In use: refused, naming the open VDI.
+    let holder = Holder::open(&uri);
+    wait_for("the connection", || {
+        !connections_to(&d, "fast/d").is_empty()
+    });
+    d.shale(["sr", "detach", "fast"])
+        .fails_with(&["SR 'fast' is in use", "'d' is open", "disconnect"])
+        .one_line_error();
+    holder.close();
+    wait_for("the connection to end", || {
+        connections_to(&d, "fast/d").is_empty()
+    });
+
+    // Detached: gone from the CLI and from NBD; the other SR serves on; a second detach changes nothing.
+    let out = d.shale(["sr", "detach", "fast"]).ok().stdout.clone();
+    assert!(out.contains("detached SR 'fast'"), "{out}");
+    let sr = d.shale(["--json", "sr", "show", "fast"]).ok().json();
+    let status = sr["status"].as_str().unwrap();
+    assert!(status.starts_with("detached"), "{status}");
+    d.shale(["vdi", "show", "fast/d"])
+        .fails_with(&["SR 'fast' is unavailable", "shale sr attach fast"])
+        .one_line_error();
+    run_fails(&mut cmd("nbdinfo", &["--size", &uri]));
+    let list = d.shale(["--json", "nbd", "list"]).ok().json();
+    assert!(
+        !list["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "fast/d"),
+        "{list}"
+    );
+    assert_eq!(
+        run_ok(&mut cmd("nbdinfo", &["--size", &keep])).trim(),
+        "4194304"
+    );
+    let check = d.shale(["sr", "check"]).ok().stderr.clone();
+    assert!(check.contains("SR 'fast' not checked"), "{check}");
+    d.shale(["sr", "detach", "fast"]).ok();
+
+    // Another SR's directory put in its place is refused: the UUID does not match.
+    sr_create(&d, "other");
+    d.shale(["sr", "detach", "other"]).ok();
+    let (fast, other, away) = (
+        tmp.path().join("fast"),
+        tmp.path().join("other"),
+        tmp.path().join("fast.away"),
+    );
+    std::fs::rename(&fast, &away).unwrap();
+    std::fs::rename(&other, &fast).unwrap();
+    d.shale(["sr", "attach", "fast"])
+        .fails_with(&["holds SR", "not SR 'fast'"])
+        .one_line_error();
+    std::fs::rename(&fast, &other).unwrap();
+    std::fs::rename(&away, &fast).unwrap();
+    d.shale(["sr", "attach", "other"]).ok();
+
+    // Attached again: the data is there and it takes writes.
+    let sr = d.shale(["--json", "sr", "attach", "fast"]).ok().json();
+    assert_eq!(sr["status"], "attached", "{sr}");
+    assert_eq!(d.digest("fast/d"), digest);
+    d.shale([
+        "vdi",
+        "write",
+        "fast/d",
+        "--offset",
+        "2M",
+        "--pattern",
+        "0x77",
+        "--length",
+        "64K",
+    ])
+    .ok();
+    let read = run_ok(&mut qemu_io(
+        &uri,
+        &["read -P 0x5a 0 2M", "read -P 0x77 2M 64K"],
+    ));
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    let digest = d.digest("fast/d");
+
+    // Missing when the daemon starts: unavailable, then attached once the directory is back.
+    assert!(d.stop().success());
+    std::fs::rename(&fast, &away).unwrap();
+    let d = Daemon::start(&state);
+    let sr = d.shale(["--json", "sr", "show", "fast"]).ok().json();
+    assert!(
+        sr["status"].as_str().unwrap().starts_with("unavailable"),
+        "{sr}"
+    );
+    d.shale(["sr", "attach", "fast"]).fails_with(&["fast"]);
+    std::fs::rename(&away, &fast).unwrap();
+    d.shale(["sr", "attach", "fast"]).ok();
+    assert_eq!(d.digest("fast/d"), digest);
+    d.shale(["sr", "check", "fast"]).ok();
+    assert!(d.stop().success());
+}

@@ -223,6 +223,10 @@ fn vm_on_a_vdi_through_the_daemon() {
     d.shale(["vm", "start", "t1"])
         .fails_with(&["already running"])
         .one_line_error();
+    // The running VM's disk keeps its SR attached.
+    d.shale(["sr", "detach", "local"])
+        .fails_with(&["in use", "'disk1' is open"])
+        .one_line_error();
     wait_console(&d, "t1", "shale-guest: phase1 PASS", 120);
     // Let phase 2 run, then snapshot while the guest keeps writing.
     wait_console(&d, "t1", "shale-guest: gen 0x40", 120);

@@ -131,6 +131,17 @@ pub enum SrCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Detach an SR without destroying it (refused while any of its VDIs is exported or a VM disk). Its objects
+    /// disappear until `sr attach`; a daemon restart attaches it again too.
+    Detach {
+        /// SR name or UUID.
+        sr: String,
+    },
+    /// Attach a detached SR, or one that failed to attach (e.g. its filesystem was not mounted at start).
+    Attach {
+        /// SR name or UUID.
+        sr: String,
+    },
     /// Check SR metadata consistency (all SRs when none is named); exits 1 if problems are found.
     Check {
         /// SR name or UUID.

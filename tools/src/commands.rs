@@ -139,6 +139,24 @@ pub async fn sr(ctx: &mut Ctx, cmd: SrCommand) -> Result<u8> {
                 .into_inner();
             ctx.print(&r, |r| format!("destroyed SR '{}' ({})\n", r.name, r.uuid))?;
         }
+        SrCommand::Detach { sr } => {
+            let sr = ctx
+                .client
+                .sr_detach(proto::SrRef { sr })
+                .await
+                .map_err(|s| ctx.status(s))?
+                .into_inner();
+            ctx.print(&sr, |s| format!("detached SR '{}' ({})\n", s.name, s.uuid))?;
+        }
+        SrCommand::Attach { sr } => {
+            let sr = ctx
+                .client
+                .sr_attach(proto::SrRef { sr })
+                .await
+                .map_err(|s| ctx.status(s))?
+                .into_inner();
+            ctx.print(&sr, output::sr_fields)?;
+        }
         SrCommand::Check { sr } => {
             let names = match sr {
                 Some(sr) => vec![sr],
@@ -148,7 +166,15 @@ pub async fn sr(ctx: &mut Ctx, cmd: SrCommand) -> Result<u8> {
                         .sr_list(proto::SrListRequest {})
                         .await
                         .map_err(|s| ctx.status(s))?;
-                    list.into_inner().srs.into_iter().map(|s| s.uuid).collect()
+                    // Detached or unavailable SRs have nothing open to check; say so instead of failing.
+                    let (up, down): (Vec<_>, Vec<_>) =
+                        list.into_inner().srs.into_iter().partition(|s| {
+                            s.status == "attached" || s.status.starts_with("degraded")
+                        });
+                    for s in down {
+                        eprintln!("SR '{}' not checked: {}", s.name, s.status);
+                    }
+                    up.into_iter().map(|s| s.uuid).collect()
                 }
             };
             let mut reports = Vec::new();
