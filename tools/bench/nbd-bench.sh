@@ -20,7 +20,10 @@
 #                  nbd client on this machine, i.e. the most any server could show here
 # Every result is printed with its ratio to qemu-raw, to qemu-qcow2, and (for writes) to qemu-qcow2-snap, and with
 # the server's CPU time per I/O (srv-us/IO: the server process's utime+stime over the measured window / I/Os), which
-# on a small machine shared with fio says more about the server than IOPS do.
+# on a small machine shared with fio says more about the server than IOPS do. disk-QD is the average number of
+# requests queued at or in service by the block device under $DIR during the window (/proc/diskstats' weighted
+# time in queue over the elapsed time): how much of fio's queue depth a server gets to the disk. A server whose
+# row shows a low disk-QD is bound by its own CPU or latency; one near the fio-direct row by the disk.
 # Targets (issue 3): Shale >= 1.2x qemu-raw on every row; shale-thin-snap >= 2x qemu-qcow2-snap on writes.
 #
 # --transport tcp|tls runs the servers on loopback TCP instead of Unix sockets, plainly or with TLS (the peers
@@ -195,28 +198,44 @@ bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 1048576
 print("%.0f %.1f" % (iops, bw))'
 }
 
+# The /proc/diskstats name of the block device holding $DIR (a partition's own line when $DIR is on one), or "".
+disk_of() {
+    local dev
+    dev=$(stat -c '%d' "$1") || return 0
+    local major=$((dev >> 8 & 0xfff)) minor=$(((dev & 0xff) | (dev >> 12 & 0xfff00)))
+    awk -v M="$major" -v m="$minor" '$1 == M && $2 == m {print $3}' /proc/diskstats
+}
+# Weighted milliseconds spent by requests in the queue of disk $1 so far (field 11 of its stats), or 0.
+disk_queue_ms() { [[ -n "$1" ]] && awk -v d="$1" '$3 == d {print $14; found=1} END {if (!found) print 0}' /proc/diskstats || echo 0; }
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+DISK=$(disk_of "$DIR")
+
 # CPU time (utime+stime, in clock ticks) a process has used so far.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
-# Prints "IOPS MiB/s US" where US is the server's CPU microseconds per I/O (process CPU over the measured
-# window divided by IOPS x runtime; "-" without a server PID).
+# Prints "IOPS MiB/s US QD" where US is the server's CPU microseconds per I/O (process CPU over the measured
+# window divided by IOPS x runtime; "-" without a server PID) and QD the disk's average queue over that window.
 run_fio() { # job, server pid or "", then engine args
     local job="$1" pid="$2"; shift 2
-    local out="$DIR/fio-$job.json" t0 t1 res
+    local out="$DIR/fio-$job.json" t0 t1 res q0 q1 w0 w1 qd
     # shellcheck disable=SC2046
     fio --name="$job" $(job_args "$job") --time_based --runtime="$RUNTIME" --ramp_time=1 --size="$SIZE" \
         --randrepeat=0 --norandommap --output-format=json "$@" >"$out" &
     local fpid=$!
     sleep 1 # the ramp, which fio leaves out of its figures
     [[ -n "$pid" ]] && t0=$(cpu_ticks "$pid")
+    q0=$(disk_queue_ms "$DISK") w0=$(now_ms)
     wait "$fpid"
+    q1=$(disk_queue_ms "$DISK") w1=$(now_ms)
     [[ -n "$pid" ]] && t1=$(cpu_ticks "$pid")
     res=$(parse <"$out")
+    qd=$("$PY" -c "import sys; q, w = float(sys.argv[1]), float(sys.argv[2]); print('%.1f' % (q / w) if w > 0 and sys.argv[3] else '-')" \
+        "$((q1 - q0))" "$((w1 - w0))" "$DISK")
     if [[ -n "$pid" ]]; then
         read -r iops _ <<<"$res"
-        echo "$res $("$PY" -c "import os,sys; t=float(sys.argv[1]); n=float(sys.argv[2])*float(sys.argv[3]); print('%.1f' % (t * 1e6 / os.sysconf('SC_CLK_TCK') / n) if n else '-')" "$((t1 - t0))" "$iops" "$RUNTIME")"
+        echo "$res $("$PY" -c "import os,sys; t=float(sys.argv[1]); n=float(sys.argv[2])*float(sys.argv[3]); print('%.1f' % (t * 1e6 / os.sysconf('SC_CLK_TCK') / n) if n else '-')" "$((t1 - t0))" "$iops" "$RUNTIME") $qd"
     else
-        echo "$res -"
+        echo "$res - $qd"
     fi
 }
 
@@ -358,8 +377,9 @@ path, jobs, targets = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 runs = {}
 for line in open(path):
     _, t, job, fig = line.rstrip("\n").split("\t")
-    iops, bw, us = fig.split()
-    runs.setdefault((t, job), []).append((float(iops), float(bw), None if us == "-" else float(us)))
+    iops, bw, us, qd = fig.split()
+    runs.setdefault((t, job), []).append((float(iops), float(bw), None if us == "-" else float(us),
+                                          None if qd == "-" else float(qd)))
 
 def med(xs):
     xs = [x for x in xs if x is not None]
@@ -373,22 +393,22 @@ def fig(t, job):
     vals = [x[m] for x in r]
     mid = med(vals)
     spread = (max(vals) - min(vals)) / 2 / mid * 100 if mid and len(vals) > 1 else None
-    return med([x[0] for x in r]), med([x[1] for x in r]), med([x[2] for x in r]), mid, spread
+    return med([x[0] for x in r]), med([x[1] for x in r]), med([x[2] for x in r]), mid, spread, med([x[3] for x in r])
 
 def ratio(a, b):
     return "%.2fx" % (a[3] / b[3]) if a and b and b[3] else "-"
 
-print("%-12s %-16s %10s %10s %9s %7s %12s %12s %14s" % ("job", "target", "IOPS", "MiB/s", "srv-us/IO", "spread",
-      "vs-qemu-raw", "vs-qcow2", "vs-qcow2-snap"))
+print("%-12s %-16s %10s %10s %9s %7s %7s %12s %12s %14s" % ("job", "target", "IOPS", "MiB/s", "srv-us/IO",
+      "disk-QD", "spread", "vs-qemu-raw", "vs-qcow2", "vs-qcow2-snap"))
 for job in jobs:
     base, qcow, snap = fig("qemu-raw", job), fig("qemu-qcow2", job), fig("qemu-qcow2-snap", job)
     for t in targets:
         f = fig(t, job)
         if not f:
             continue
-        iops, bw, us, _, spread = f
-        print("%-12s %-16s %10.0f %10.1f %9s %7s %12s %12s %14s" % (
-            job, t, iops, bw, "-" if us is None else "%.1f" % us,
+        iops, bw, us, _, spread, qd = f
+        print("%-12s %-16s %10.0f %10.1f %9s %7s %7s %12s %12s %14s" % (
+            job, t, iops, bw, "-" if us is None else "%.1f" % us, "-" if qd is None else "%.1f" % qd,
             "-" if spread is None else "+-%.0f%%" % spread,
             ratio(f, base), ratio(f, qcow), ratio(f, snap) if "write" in job else "-"))
 PYEOF
