@@ -471,7 +471,9 @@ impl Host {
                 Ok(self.view(&inner.srs[idx]))
             }
             Err(e) => {
+                // No longer detached on purpose: unavailable, with the reason the attach failed.
                 inner.srs[idx].sr = Err(e.to_string());
+                inner.srs[idx].detached = false;
                 tracing::warn!(sr = %record.name, error = %e, "SR attach failed");
                 Err(e)
             }

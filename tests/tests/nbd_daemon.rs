@@ -1155,6 +1155,12 @@ fn sr_detach_and_attach_without_a_restart() {
     d.shale(["sr", "attach", "fast"])
         .fails_with(&["holds SR", "not SR 'fast'"])
         .one_line_error();
+    let sr = d.shale(["--json", "sr", "show", "fast"]).ok().json();
+    let status = sr["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("unavailable: ") && status.contains("holds SR"),
+        "{status}"
+    );
     std::fs::rename(&fast, &other).unwrap();
     std::fs::rename(&away, &fast).unwrap();
     d.shale(["sr", "attach", "other"]).ok();
