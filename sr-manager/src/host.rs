@@ -360,6 +360,15 @@ impl Host {
                 sr.detach().await?;
                 driver.destroy(&record.path).await?;
             }
+            Err(_) if slot.detached && !force => {
+                return Err(SrError::FailedPrecondition(format!(
+                    "SR '{}' is detached: attach it first (`shale sr attach {}`) to destroy it with its data, or \
+                     pass --force to only remove it from the registry (its files at {} are left in place)",
+                    record.name,
+                    record.name,
+                    record.path.display()
+                )));
+            }
             Err(reason) => {
                 if !force {
                     return Err(SrError::FailedPrecondition(format!(

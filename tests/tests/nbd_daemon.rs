@@ -1138,6 +1138,16 @@ fn sr_detach_and_attach_without_a_restart() {
         run_ok(&mut cmd("nbdinfo", &["--size", &keep])).trim(),
         "4194304"
     );
+    let table = d.shale(["sr", "list"]).ok().stdout.clone();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("fast ") && l.contains(" detached ")),
+        "{table}"
+    );
+    d.shale(["sr", "destroy", "fast"])
+        .fails_with(&["SR 'fast' is detached", "shale sr attach fast", "--force"])
+        .one_line_error();
     let check = d.shale(["sr", "check"]).ok().stderr.clone();
     assert!(check.contains("SR 'fast' not checked"), "{check}");
     d.shale(["sr", "detach", "fast"]).ok();

@@ -106,7 +106,13 @@ pub fn sr_table(srs: &[proto::Sr]) -> String {
             vec![
                 s.name.clone(),
                 s.r#type.clone(),
-                s.status.split(':').next().unwrap_or("").to_string(),
+                // The status's first word (attached, degraded, detached, unavailable); `sr show` has the rest.
+                s.status
+                    .split([':', '('])
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string(),
                 s.vdis.to_string(),
                 s.snapshots.to_string(),
                 format_size(s.allocated_bytes),
