@@ -361,12 +361,11 @@ impl Host {
                 driver.destroy(&record.path).await?;
             }
             Err(_) if slot.detached && !force => {
+                let (name, path) = (&record.name, record.path.display());
                 return Err(SrError::FailedPrecondition(format!(
-                    "SR '{}' is detached: attach it first (`shale sr attach {}`) to destroy it with its data, or \
-                     pass --force to only remove it from the registry (its files at {} are left in place)",
-                    record.name,
-                    record.name,
-                    record.path.display()
+                    "SR '{name}' is detached: attach it first (`shale sr attach {name}`) to destroy it with its \
+                     data, or pass --force to only remove it from the registry (its files at {path} are left in \
+                     place)"
                 )));
             }
             Err(reason) => {

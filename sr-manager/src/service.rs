@@ -78,14 +78,11 @@ pub fn sr_to_proto(v: SrView) -> proto::Sr {
         name: v.record.name,
         r#type: v.record.sr_type,
         path: v.record.path.display().to_string(),
-        status: if v.detached {
-            v.unavailable.clone().unwrap_or_else(|| "detached".into())
-        } else {
-            sr_status(
-                v.unavailable.as_deref(),
-                stats.as_ref().and_then(|s| s.metadata_error.as_deref()),
-            )
-        },
+        status: sr_status(
+            v.unavailable.as_deref(),
+            v.detached,
+            stats.as_ref().and_then(|s| s.metadata_error.as_deref()),
+        ),
         cluster_size: stats.as_ref().map(|s| s.cluster_size).unwrap_or(0),
         capacity: stats.as_ref().and_then(|s| s.capacity),
         allocated_bytes: stats.as_ref().map(|s| s.allocated_bytes).unwrap_or(0),
@@ -101,9 +98,10 @@ pub fn sr_to_proto(v: SrView) -> proto::Sr {
 }
 
 /// An SR's one-line status: attached, degraded (a metadata write failed, so it refuses changes until attached
-/// again), or unavailable and why. (A detached SR's status is `detached (...)`, set in [`sr_to_proto`].)
-fn sr_status(unavailable: Option<&str>, metadata_error: Option<&str>) -> String {
+/// again), detached on purpose (the reason says how to attach it), or unavailable and why.
+fn sr_status(unavailable: Option<&str>, detached: bool, metadata_error: Option<&str>) -> String {
     match (unavailable, metadata_error) {
+        (Some(reason), _) if detached => reason.to_string(),
         (None, None) => "attached".into(),
         (None, Some(e)) => format!(
             "degraded: a metadata write failed ({}); no changes until the SR is attached again (`shale sr \
@@ -435,14 +433,23 @@ mod tests {
     /// A failed metadata write shows in the status, in words a user can act on.
     #[test]
     fn degraded_status() {
-        assert_eq!(sr_status(None, None), "attached");
+        assert_eq!(sr_status(None, false, None), "attached");
         let full = sr_status(
             None,
+            false,
             Some("IO error: No space left on device: While appending to file: meta/000009.log"),
         );
         assert!(full.starts_with("degraded: a metadata write failed (the filesystem is full)"));
         assert!(full.contains("shale sr attach"), "{full}");
-        assert!(sr_status(None, Some("IO error: EIO")).contains("(IO error: EIO)"));
-        assert_eq!(sr_status(Some("gone"), None), "unavailable: gone");
+        assert!(sr_status(None, false, Some("IO error: EIO")).contains("(IO error: EIO)"));
+        assert_eq!(sr_status(Some("gone"), false, None), "unavailable: gone");
+        assert_eq!(
+            sr_status(
+                Some("detached (`shale sr attach x` attaches it again)"),
+                true,
+                None
+            ),
+            "detached (`shale sr attach x` attaches it again)"
+        );
     }
 }

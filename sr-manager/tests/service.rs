@@ -162,28 +162,16 @@ async fn status_codes_and_addressing() {
         vdi: vdi.into(),
         from: from.into(),
     };
-    let dcode =
-        |r: Result<tonic::Response<proto::VdiDiffReply>, tonic::Status>| r.unwrap_err().code();
-    assert_eq!(
-        dcode(c.vdi_diff(diff("", "s")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        dcode(c.vdi_diff(diff("other/a", "")).await),
-        Code::InvalidArgument
-    );
-    assert_eq!(
-        dcode(c.vdi_diff(diff("local/a", "other/s")).await),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        dcode(c.vdi_diff(diff("other/s", "other/a")).await),
-        Code::FailedPrecondition
-    );
-    assert_eq!(
-        dcode(c.vdi_diff(diff("other/a", "nosuch")).await),
-        Code::NotFound
-    );
+    for (vdi, from, want) in [
+        ("", "s", Code::InvalidArgument),
+        ("other/a", "", Code::InvalidArgument),
+        ("local/a", "other/s", Code::FailedPrecondition),
+        ("other/s", "other/a", Code::FailedPrecondition),
+        ("other/a", "nosuch", Code::NotFound),
+    ] {
+        let st = c.vdi_diff(diff(vdi, from)).await.unwrap_err();
+        assert_eq!(st.code(), want, "diff '{vdi}' --from '{from}': {st:?}");
+    }
     let d = c.vdi_diff(diff("other/a", "s")).await.unwrap().into_inner();
     assert_eq!((d.size, d.granularity, d.changed_bytes), (1 << 20, 4096, 0));
     assert_eq!(d.from.map(|f| f.name), Some("s".to_string()));
